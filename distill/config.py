@@ -1,0 +1,202 @@
+"""Typed configuration schemas. Hydra composes YAML; `validate` checks every section against these
+dataclasses so that an unknown key or a wrong type fails at start and names the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from distill.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "distill:tiny-world"  # hub id, local diffusers folder, or distill:NAME
+    vae: Optional[str] = None  # override the VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    frozen_dtype: str = "auto"  # auto | fp32 | fp16 | bf16: dtype of frozen nets (teacher, VAE, text encoders)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    scheduler: str = "constant"  # constant | linear | cosine (each with linear warmup)
+    warmup_steps: int = 0  # optimizer steps, independent of the process count
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 500
+    checkpoints_keep: int = 3
+    validate_every_steps: int = 0  # 0: only at the end
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # sampler step counts in the grid
+    validation_seed: int = 0
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    export_at_end: bool = True
+    export_dtype: str = "fp16"  # fp16 | bf16 | fp32
+    max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
+    progress_bar: bool = True
+    allow_tf32: bool = True
+    deepspeed_gloo: bool = False  # DeepSpeed on CPU needs the gloo backend
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb | tensorboard
+    project: str = "distill"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    mode: Optional[str] = None  # wandb mode: online | offline | disabled (None: wandb's default / WANDB_MODE)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 64
+    alpha: Optional[float] = None  # None: alpha = rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+        "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
+
+
+@dataclass
+class LCDConfig:
+    name: str = "lcd"
+    lora: Optional[LoraConfig] = None  # None: full-UNet student with w-embedding and EMA target
+    num_ddim_timesteps: int = 50
+    w_min: float = 3.0  # LCM-form guidance scale w (standard scale w + 1); fixed when w_min == w_max
+    w_max: float = 15.0
+    w_embedding_dim: int = 256
+    loss: str = "huber"  # huber | l2
+    huber_c: float = 1e-3
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    ema_decay: float = 0.95
+
+
+@dataclass
+class DiffusionConfig:
+    """Plain diffusion training (the tiny world's teacher): epsilon objective with caption dropout."""
+
+    name: str = "diffusion"
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    snr_gamma: Optional[float] = None
+    from_scratch: bool = False  # re-initialise the UNet before training
+
+
+@dataclass
+class VAEConfig:
+    """Autoencoder training (the tiny world's VAE): L1 + L2 reconstruction and a small KL."""
+
+    name: str = "vae"
+    kl_weight: float = 1e-6
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    from_scratch: bool = False
+
+
+@dataclass
+class PADStage:
+    name: str = "stage"
+    student_steps: int = 8  # steps the student takes after this stage
+    teacher_steps_per_student_step: int = 4  # n: the teacher's moves per student move
+    objective: str = "adversarial"  # mse | adversarial | x0
+    discriminator: str = "conditional"  # conditional | unconditional
+    lora: bool = True  # train a LoRA (merged at the stage's end) or the full UNet
+    max_steps: int = 100
+    guidance_scale: float = 1.0  # teacher CFG scale (only the mse stage uses > 1)
+    renoise_timesteps: list[int] = field(default_factory=list)  # 1-step stage: t* to re-noise outputs to
+
+
+@dataclass
+class PADConfig:
+    name: str = "pad"
+    stages: list[PADStage] = field(default_factory=list)
+    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    lr_d: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
+    d_head_channels: int = 64
+
+
+METHODS: dict[str, type] = {"lcd": LCDConfig, "diffusion": DiffusionConfig, "vae": VAEConfig, "pad": PADConfig}
+
+
+@dataclass
+class Config:
+    output_dir: Optional[str] = None  # the run folder; None: outputs/<timestamp>, decided once for all ranks
+    resume: Optional[str] = None  # latest | a checkpoint folder
+    tags: list[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def validate(cfg: DictConfig | dict) -> DictConfig:
+    """Check a composed config against the schemas; return a typed, resolved copy (hydra node removed)."""
+    raw = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+    raw.pop("hydra", None)
+    method = raw.pop("method", None)
+    if method is None or "name" not in method:
+        raise ConfigError("method: no method selected (use +experiment=NAME or method=lcd|lcd_lora|pad|diffusion|vae)")
+    if method.name not in METHODS:
+        raise ConfigError(f"method.name={method.name!r} is unknown; known: {sorted(METHODS)}")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        typed.method = OmegaConf.merge(OmegaConf.structured(METHODS[method.name]), method)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        if method is not None and key and raw.get(key.split(".")[0]) is None and key.split(".")[0] not in raw:
+            key = "method." + key
+        raise ConfigError(f"invalid config key '{key}': {e.msg if hasattr(e, 'msg') else e}") from None
+    _check_combinations(typed)
+    OmegaConf.set_readonly(typed, False)
+    return typed
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    if cfg.trainer.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"trainer.mixed_precision={cfg.trainer.mixed_precision!r}: expected no | fp16 | bf16")
+    if cfg.logger.name not in ("none", "wandb", "tensorboard"):
+        raise ConfigError(f"logger.name={cfg.logger.name!r}: expected none | wandb | tensorboard")
+    if cfg.data.kind not in ("images", "latents"):
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected images | latents")
+    if cfg.optim.scheduler not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"optim.scheduler={cfg.optim.scheduler!r}: expected constant | linear | cosine")
+    for key in ("max_steps", "checkpoint_every_steps", "log_every_steps", "gradient_accumulation_steps"):
+        if cfg.trainer[key] < 1:
+            raise ConfigError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
+    m = cfg.method
+    if m.name == "lcd":
+        if m.w_min > m.w_max:
+            raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
+        if m.loss not in ("huber", "l2"):
+            raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
+    if m.name in ("vae",) and cfg.data.kind == "latents":
+        raise ConfigError("data.kind=latents cannot train a VAE: it needs image shards")

@@ -1,0 +1,70 @@
+"""Autoencoder training for the tiny world: the KL-regularised autoencoder of LDM (Rombach et al. 2022,
+sec. 3) with L1 + L2 reconstruction and a small KL; no perceptual or GAN loss at this size."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from distill.methods.base import Batch, Method
+
+
+class VAETraining(Method):
+    input_kind = "pixels"
+
+    def __init__(self, cfg, comps, device):
+        super().__init__(cfg, comps, device)
+        vae = comps.vae
+        if cfg.method.from_scratch:
+            torch.manual_seed(cfg.trainer.seed)
+            vae = AutoencoderKL.from_config(vae.config)
+        self.vae = vae.to(device=device, dtype=torch.float32).train().requires_grad_(True)
+        self.modules = {"vae": self.vae}
+        self.z_sum, self.z_sq, self.z_n = 0.0, 0.0, 0  # latent statistics -> scaling_factor (LDM: 1/std)
+
+    def param_groups(self):
+        return [[{"params": list(self.vae.parameters())}]]
+
+    def losses(self, batch: Batch, phase: str, step: int):
+        m = self.cfg.method
+        vae = self.modules["vae"]
+        x = batch.pixels
+        posterior = (vae.module if hasattr(vae, "module") else vae).encode(x).latent_dist
+        eps = batch.randn("z", tuple(posterior.mean.shape[1:]), x.device)
+        z = posterior.mean + posterior.std * eps
+        rec = (vae.module if hasattr(vae, "module") else vae).decode(z).sample
+        l1, l2 = F.l1_loss(rec, x), F.mse_loss(rec, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = m.l1_weight * l1 + m.l2_weight * l2 + m.kl_weight * kl
+        with torch.no_grad():
+            zm = posterior.mean.float()
+            self.z_sum += float(zm.sum())
+            self.z_sq += float((zm * zm).sum())
+            self.z_n += zm.numel()
+        return {"loss": loss, "loss_l1": l1.detach(), "loss_l2": l2.detach(), "kl": kl.detach()}
+
+    def scaling_factor(self) -> float:
+        if self.z_n == 0:
+            return float(self.vae.config.scaling_factor)
+        mean = self.z_sum / self.z_n
+        var = max(self.z_sq / self.z_n - mean * mean, 1e-12)
+        return float(var ** -0.5)
+
+    def meta_state(self):
+        return {"z_sum": self.z_sum, "z_sq": self.z_sq, "z_n": self.z_n}
+
+    def load_meta_state(self, meta):
+        self.z_sum, self.z_sq, self.z_n = meta.get("z_sum", 0.0), meta.get("z_sq", 0.0), meta.get("z_n", 0)
+
+    def export(self, out_dir: Path, dtype: torch.dtype) -> None:
+        """A complete pipeline folder with the trained VAE and its measured scaling factor."""
+        pipe_dir = Path(out_dir) / "pipeline"
+        if pipe_dir.exists():
+            shutil.rmtree(pipe_dir)
+        shutil.copytree(self.comps.path, pipe_dir, ignore=shutil.ignore_patterns("vae"))
+        self.vae.register_to_config(scaling_factor=self.scaling_factor())
+        self.vae.to(torch.float32).save_pretrained(str(pipe_dir / "vae"), safe_serialization=True)

@@ -1,0 +1,86 @@
+"""Students built from the teacher: LoRA adapters (PEFT, diffusers-loadable keys), the LCM guidance (w)
+embedding, and EMA with foreach ops."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor, nn
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float | None, dropout: float,
+             target_modules: list[str], adapter_name: str = "default") -> list[nn.Parameter]:
+    """Inject PEFT LoRA layers with `unet.add_adapter` (keys that diffusers' load_lora_weights reads back).
+    Base weights are frozen; the returned LoRA parameters are fp32 and trainable."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        init_lora_weights="gaussian", target_modules=list(target_modules))
+    unet.add_adapter(config, adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: UNet2DConditionModel):
+    """Run the base model (the teacher) through the same UNet that carries the student's adapters."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def student_with_w_embedding(teacher: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
+    """A copy of the teacher that also takes a guidance-scale embedding (`timestep_cond`) through the new
+    `time_embedding.cond_proj`. The projection is ZERO-initialised, so at step 0 the student reproduces the
+    teacher exactly (the public scripts initialise it randomly and perturb the student)."""
+    config = dict(teacher.config)
+    config["time_cond_proj_dim"] = dim
+    student = UNet2DConditionModel.from_config(config)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert set(missing) == {"time_embedding.cond_proj.weight"} and not unexpected, (missing, unexpected)
+    nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(dtype=torch.float32)
+
+
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of 1000 w, as diffusers' LCM pipelines compute `timestep_cond` (they pass
+    w = guidance_scale - 1, which is our LCM-form w)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (foreach lerp: one kernel per dtype group)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = model  # a separate copy, frozen
+
+    @torch.no_grad()
+    def update(self, source: nn.Module) -> None:
+        src = [p for p in source.parameters()]
+        dst = [p for p in self.model.parameters()]
+        torch._foreach_lerp_(dst, [s.detach().to(d.dtype) for s, d in zip(src, dst)], 1.0 - self.decay)
+
+    def state_dict(self, prefix: str = "ema.") -> dict[str, Tensor]:
+        return {prefix + k: v for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor], prefix: str = "ema.") -> None:
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if own:
+            self.model.load_state_dict(own)

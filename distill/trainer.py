@@ -1,0 +1,281 @@
+"""The one training loop. Methods plug in through distill.methods.base.Method; parallelism, precision,
+accumulation, clipping, checkpoints, logging, validation and export live here and only here."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from distill import checkpoint as ckpt
+from distill.data.wds import build_loader
+from distill.diffusion import UNetCond, seeded_noise
+from distill.methods import build_method
+from distill.methods.base import Batch, sample_seed
+from distill.models import decode_latents, encode_images, encode_prompts, load_components, time_ids
+from distill.tracking import Tracker
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def frozen_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
+    """Frozen nets (teacher, VAE, text encoders) run in half precision on GPU, fp32 on CPU."""
+    if cfg.model.frozen_dtype != "auto":
+        return DTYPES[cfg.model.frozen_dtype]
+    if device.type == "cuda" and cfg.trainer.mixed_precision in ("fp16", "bf16"):
+        return DTYPES[cfg.trainer.mixed_precision]
+    return torch.float32
+
+
+def lr_lambda(cfg: DictConfig):
+    """LR multiplier per optimizer step. Stepped once per optimizer step on every rank, so a schedule means the
+    same at any process count (the scheduler is deliberately not handed to accelerator.prepare)."""
+    warm, total, kind = cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.scheduler
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, accelerator: Accelerator, run_dir: Path):
+        self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+        self.device = accelerator.device
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.counters: dict[str, int] = {"nonfinite_steps": 0}
+        self.tracker = Tracker(cfg, run_dir, accelerator)
+        self.build()
+
+    # -- construction ------------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.ckpt_manager = ckpt.CheckpointManager(self.run_dir / "checkpoints", cfg.trainer.checkpoints_keep, acc)
+        self.ckpt_manager.check_writable()
+        dtype = frozen_dtype(cfg, self.device)
+        from distill.methods import METHOD_CLASSES
+
+        kind = METHOD_CLASSES[cfg.method.name].input_kind
+        parts = ["unet", "vae"] if kind == "pixels" else ["unet"]
+        if kind == "latents" and cfg.data.kind == "images":
+            parts += ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+        self.comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, dtype=dtype, device=self.device,
+                                     parts=tuple(parts), revision=cfg.model.revision, variant=cfg.model.variant)
+        self.method = build_method(cfg, self.comps, self.device)
+        self.optimizers, self.schedulers = [], []
+        for groups in self.method.param_groups():
+            opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+            opt = opt_cls(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                          weight_decay=cfg.optim.weight_decay)
+            self.optimizers.append(opt)
+        names = list(self.method.modules)
+        prepared = acc.prepare(*[self.method.modules[n] for n in names], *self.optimizers)
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
+        self.optimizers = list(prepared[len(names):])
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
+        self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
+                                   seed=cfg.trainer.seed)
+
+    # -- batches -----------------------------------------------------------------------------------------
+    def to_batch(self, raw: dict) -> Batch:
+        dev = self.device
+        urls = raw.get("url", [""] * len(raw["key"]))
+        seeds = [sample_seed(self.cfg.trainer.seed, self.step, u, k) for u, k in zip(urls, raw["key"])]
+        if self.method.input_kind == "pixels":
+            return Batch(latents=None, cond=None, captions=raw["caption"], pixels=raw["pixels"].to(dev), seeds=seeds)
+        ids = time_ids(raw["original_size"], raw["crop_top_left"], raw["target_size"]).to(dev)
+        if "latents" in raw:
+            lat, emb, pooled = raw["latents"], raw["prompt_embeds"], raw.get("pooled_prompt_embeds")
+        else:
+            lat = encode_images(self.comps, raw["pixels"])
+            emb, pooled = encode_prompts(self.comps, raw["caption"])
+        sdxl = self.comps.arch == "sdxl"
+        cond = UNetCond(encoder_hidden_states=emb.to(dev, torch.float32),
+                        text_embeds=pooled.to(dev, torch.float32) if sdxl else None,
+                        time_ids=ids if sdxl else None)
+        return Batch(latents=lat.to(dev, torch.float32), cond=cond, captions=list(raw["caption"]), seeds=seeds)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        self.resume()
+        accum, max_steps = cfg.trainer.gradient_accumulation_steps, cfg.trainer.max_steps
+        it = iter(self.loader)
+        bar = tqdm(total=max_steps, initial=self.step, desc="train", disable=not (acc.is_main_process and cfg.trainer.progress_bar),
+                   dynamic_ncols=True)
+        window: dict[str, list[float]] = {}
+        samples_seen, t_window = 0, time.time()
+        while self.step < max_steps and not self.method.is_done(self.step):
+            batches = [self.to_batch(next(it)) for _ in range(accum)]
+            logs = self.train_step(batches)
+            samples_seen += sum(b.size for b in batches) * acc.num_processes
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.trainer.log_every_steps == 0 or self.step == max_steps:
+                dt = max(time.time() - t_window, 1e-9)
+                metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                metrics = self.reduce_mean(metrics)
+                metrics["samples_per_s"] = samples_seen / dt
+                metrics.update(self.loader_counters())
+                metrics.update({f"train/{k}": v for k, v in self.counters.items()})
+                self.tracker.log(metrics, self.step)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("train/loss")})
+                window, samples_seen, t_window = {}, 0, time.time()
+            if self.step % cfg.trainer.checkpoint_every_steps == 0 and self.step < max_steps:
+                self.save()
+            if cfg.trainer.validate_every_steps and self.step % cfg.trainer.validate_every_steps == 0:
+                self.validate()
+        bar.close()
+        self.save()
+        self.validate()
+        if cfg.trainer.export_at_end:
+            self.export()
+
+    def train_step(self, batches: list[Batch]) -> dict[str, float]:
+        """One optimizer step per phase, each over `len(batches)` micro-batches (gradient accumulation)."""
+        cfg, acc = self.cfg, self.acc
+        logs: dict[str, float] = {}
+        for phase in self.method.phases(self.step):
+            oi = self.method.optimizer_names.index(phase)
+            opt, sched = self.optimizers[oi], self.schedulers[oi]
+            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            for batch in batches:
+                with acc.accumulate(*self.method.modules.values()):
+                    out = self.method.losses(batch, phase, self.step)
+                    acc.backward(out["loss"])
+                    for k, v in out.items():
+                        logs[f"train/{k}" if phase == "g" else f"train/{phase}_{k}"] = float(v.detach())
+                    if acc.sync_gradients:
+                        max_norm = cfg.optim.max_grad_norm
+                        norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+                        norm = float(norm) if norm is not None else 0.0
+                        logs[f"train/grad_norm_{phase}"] = norm
+                        if not math.isfinite(norm) or not all(math.isfinite(v) for k, v in logs.items() if "loss" in k):
+                            self.on_nonfinite(logs)
+                            opt.zero_grad(set_to_none=True)
+                            return logs
+                        opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
+            logs[f"train/lr_{phase}"] = sched.get_last_lr()[0]
+        self.nonfinite_in_a_row = 0
+        self.method.after_step(self.step + 1)
+        return logs
+
+    def on_nonfinite(self, logs: dict[str, float]) -> None:
+        self.counters["nonfinite_steps"] += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:
+            last = self.ckpt_manager.latest()
+            terms = {k: v for k, v in logs.items() if "loss" in k or "grad_norm" in k}
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} consecutive non-finite steps, the last at step {self.step + 1}: {terms}. "
+                f"Last good checkpoint: {last or 'none'} (resume with resume=latest after fixing the cause)")
+
+    def reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.acc.num_processes == 1 or not metrics:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([metrics[k] for k in keys], device=self.device, dtype=torch.float64)
+        t = self.acc.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist()))
+
+    def loader_counters(self) -> dict[str, int]:
+        counters = self.loader.counters() if hasattr(self.loader, "counters") else {}
+        if self.acc.num_processes > 1 and counters:
+            keys = sorted(counters)
+            t = torch.tensor([counters[k] for k in keys], device=self.device, dtype=torch.float64)
+            counters = dict(zip(keys, self.acc.reduce(t, reduction="sum").long().tolist()))
+        return {f"data/{k}": v for k, v in counters.items()}
+
+    # -- state -------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {"step": self.step, "data": self.loader.state_dict(), "method": self.method.meta_state(),
+                 "counters": self.counters}
+        self.ckpt_manager.save(self.step, state, self.method.state_dict())
+
+    def resume(self) -> None:
+        path = self.ckpt_manager.find(self.cfg.resume)
+        if path is None:
+            return
+        state, tensors = self.ckpt_manager.load(path)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["data"])
+        self.method.load_meta_state(state["method"])
+        self.method.load_state_dict(tensors)
+        self.counters.update(state.get("counters", {}))
+        for s in self.schedulers:  # LambdaLR state is its step count
+            s.last_epoch = self.step
+            s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+        self.tracker.print(f"resumed from {path} at step {self.step}")
+
+    # -- validation and export ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> None:
+        prompts = list(self.cfg.trainer.validation_prompts)
+        if not prompts or self.method.input_kind == "pixels":
+            self.acc.wait_for_everyone()
+            return
+        if self.acc.is_main_process:
+            from distill.evaluate import save_grid
+
+            comps = self.validation_components()
+            emb, pooled = encode_prompts(comps, prompts)
+            n = len(prompts)
+            res = self.cfg.data.resolution
+            sdxl = comps.arch == "sdxl"
+            ids = torch.tensor([[res, res, 0, 0, res, res]] * n, dtype=torch.float32) if sdxl else None
+            cond = UNetCond(encoder_hidden_states=emb, text_embeds=pooled if sdxl else None, time_ids=ids)
+            cond = cond.to(self.device, torch.float32)
+            scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
+            seeds = [self.cfg.trainer.validation_seed + i for i in range(n)]
+            c = self.comps.unet.config.in_channels if self.comps.unet is not None else 4
+            noise = seeded_noise(seeds, (c, res // scale, res // scale), self.device, torch.float32)
+            columns = []
+            for steps in self.cfg.trainer.validation_steps:
+                lat = self.method.sample(cond, noise, int(steps), seeds)
+                columns.append(decode_latents(comps, lat.to(comps.vae.dtype)).float().cpu())
+            path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+            save_grid(columns, path, row_labels=prompts, col_labels=[f"{s} steps" for s in self.cfg.trainer.validation_steps])
+            self.tracker.log_image("val/samples", path, self.step)
+        self.acc.wait_for_everyone()
+
+    def validation_components(self):
+        need = [p for p in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+                if getattr(self.comps, p) is None and not (self.comps.arch == "sd15" and p.endswith("_2"))]
+        if need:  # latent shards: the text encoders and VAE are loaded only here, on rank 0
+            extra = load_components(self.cfg.model.pretrained, vae=self.cfg.model.vae, parts=tuple(need),
+                                    dtype=torch.float32, device=self.device)
+            for p in need:
+                setattr(self.comps, p, getattr(extra, p))
+        return self.comps
+
+    def export(self) -> None:
+        if self.acc.is_main_process:
+            out = self.run_dir / "export"
+            self.method.export(out, DTYPES[self.cfg.trainer.export_dtype])
+            self.tracker.print(f"exported to {out}")
+        self.acc.wait_for_everyone()
+
+    def close(self) -> None:
+        self.tracker.close()
