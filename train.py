@@ -6,6 +6,9 @@ import hydra
 from omegaconf import DictConfig
 
 import distill
+from distill.config import register_configs
+
+register_configs()
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 

@@ -72,6 +72,7 @@ class LoggerConfig:
 
 @dataclass
 class LoraConfig:
+    enabled: bool = False  # train a LoRA student (LCM-LoRA) instead of the full UNet
     rank: int = 64
     alpha: Optional[float] = None  # None: alpha = rank
     dropout: float = 0.0
@@ -83,7 +84,7 @@ class LoraConfig:
 @dataclass
 class LCDConfig:
     name: str = "lcd"
-    lora: Optional[LoraConfig] = None  # None: full-UNet student with w-embedding and EMA target
+    lora: LoraConfig = field(default_factory=LoraConfig)  # disabled: full-UNet student, w-embedding, EMA target
     num_ddim_timesteps: int = 50
     w_min: float = 3.0  # LCM-form guidance scale w (standard scale w + 1); fixed when w_min == w_max
     w_max: float = 15.0
@@ -134,7 +135,7 @@ class PADStage:
 class PADConfig:
     name: str = "pad"
     stages: list[PADStage] = field(default_factory=list)
-    lora: Optional[LoraConfig] = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
     lr_d: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
     d_head_channels: int = 64
@@ -193,6 +194,12 @@ def _check_combinations(cfg: DictConfig) -> None:
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     m = cfg.method
+    if "lora" in m and not m.lora.enabled:
+        defaults = LoraConfig()
+        for key in ("rank", "alpha", "dropout", "target_modules"):
+            if m.lora[key] != getattr(defaults, key):
+                raise ConfigError(f"method.lora.{key} is set but method.lora.enabled=false: this {m.name} run trains "
+                                  "the full UNet, not a LoRA (use method=lcd_lora, or method.lora.enabled=true)")
     if m.name == "lcd":
         if m.w_min > m.w_max:
             raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
@@ -200,3 +207,17 @@ def _check_combinations(cfg: DictConfig) -> None:
             raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
     if m.name in ("vae",) and cfg.data.kind == "latents":
         raise ConfigError("data.kind=latents cannot train a VAE: it needs image shards")
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore as `schema/<group>/<name>`; each YAML option extends one
+    (`defaults: [/schema/trainer/default@_here_, _self_]`), so every schema key is overridable from the
+    command line, and a typo or wrong type fails while Hydra composes, naming the key."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for group, node in (("model", ModelConfig), ("optim", OptimConfig), ("trainer", TrainerConfig),
+                        ("logger", LoggerConfig), ("data", DataConfig)):
+        cs.store(group=f"schema/{group}", name="default", node=node)
+    for name, node in METHODS.items():
+        cs.store(group="schema/method", name=name, node=node)

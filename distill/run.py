@@ -49,13 +49,37 @@ def run(cfg: DictConfig) -> Path:
 
     from distill.trainer import Trainer
 
-    set_seed(cfg.trainer.seed, device_specific=False)
-    trainer = None
+    from distill.methods import METHOD_CLASSES
+
+    stages = METHOD_CLASSES[cfg.method.name].stages(cfg, run_dir)
     try:
-        trainer = Trainer(cfg, acc, run_dir)
-        trainer.fit()
+        for i, stage_cfg in enumerate(stages):
+            # A staged method (PAD) runs one Trainer per stage, each in its own folder with its own checkpoints
+            # and export; a finished stage (its export exists) is skipped on resume.
+            stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / f"{i:02d}_{stage_cfg.method.stage_name}"
+            if len(stages) > 1 and (stage_dir / "export" / "export.json").exists() and cfg.resume:
+                continue
+            if len(stages) > 1 and not cfg.resume and (stage_dir / "export").exists():
+                raise RuntimeError(f"{stage_dir} already has an export; use resume=latest or a new output_dir")
+            set_seed(cfg.trainer.seed + i, device_specific=False)
+            trainer = Trainer(stage_cfg, acc, stage_dir)
+            try:
+                trainer.fit()
+            finally:
+                trainer.close()
+            acc.free_memory()  # forget this stage's prepared modules/optimizers before the next stage
+        if len(stages) > 1 and acc.is_main_process:
+            _link_final_export(run_dir, stage_dir)
     finally:
-        if trainer is not None:
-            trainer.close()
         acc.end_training()
     return run_dir
+
+
+def _link_final_export(run_dir: Path, last_stage_dir: Path) -> None:
+    """The run's export/ is the last stage's (copied, so it survives moving the run folder)."""
+    import shutil
+
+    dst = run_dir / "export"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(last_stage_dir / "export", dst)

@@ -61,7 +61,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
-        self.tracker = Tracker(cfg, run_dir, accelerator)
+        self.tracker = Tracker(cfg, run_dir, accelerator)  # the tracker is per stage
         self.build()
 
     # -- construction ------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class Trainer:
             scale = 2 ** (len(comps.vae.config.block_out_channels) - 1)
             seeds = [self.cfg.trainer.validation_seed + i for i in range(n)]
             c = self.comps.unet.config.in_channels if self.comps.unet is not None else 4
-            noise = seeded_noise(seeds, (c, res // scale, res // scale), self.device, torch.float32)
+            noise = seeded_noise(seeds, (n, c, res // scale, res // scale), self.device, torch.float32)
             columns = []
             for steps in self.cfg.trainer.validation_steps:
                 lat = self.method.sample(cond, noise, int(steps), seeds)

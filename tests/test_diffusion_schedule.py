@@ -7,23 +7,56 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       LCMScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
 
-from distill.diffusion import (NoiseSchedule, inference_timesteps, lcd_timestep_pair, lcm_inference_timesteps,
-                               lcm_skip_grid)
+from distill.diffusion import (
+    NoiseSchedule,
+    inference_timesteps,
+    lcd_timestep_pair,
+    lcm_inference_timesteps,
+    lcm_skip_grid,
+)
 
 # stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json (minus class-only keys)
-SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", clip_sample=False,
-            set_alpha_to_one=False)
+SDXL = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
 STEPS = [1, 2, 3, 4, 8, 50]
 SPACINGS = ["leading", "trailing", "linspace"]
 
 
-@pytest.mark.parametrize("cfg", [SDXL, dict(SDXL, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
-                                 dict(SDXL, rescale_betas_zero_snr=True, prediction_type="v_prediction"),
-                                 dict(SDXL, beta_schedule="squaredcos_cap_v2")])
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine (10-20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SDXL,
+        dict(SDXL, beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+        dict(SDXL, rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+        dict(SDXL, beta_schedule="squaredcos_cap_v2"),
+    ],
+)
 def test_alphas_cumprod_equal_diffusers_bit_for_bit(cfg):
     ref = DDPMScheduler.from_config(cfg).alphas_cumprod
     s = NoiseSchedule.from_config(cfg)
@@ -40,7 +73,9 @@ def test_alpha_sigma_gather_broadcast_and_clean_convention():
     assert a.shape == (3, 1, 1, 1) and a.dtype == torch.float16
     abar = s.alphas_cumprod
     np.testing.assert_allclose(s.alpha(t, x.double()).flatten(), [abar[0].sqrt(), abar[500].sqrt(), 1.0])
-    np.testing.assert_allclose(s.sigma(t, x.double()).flatten(), [(1 - abar[0]).sqrt(), (1 - abar[500]).sqrt(), 0.0])
+    np.testing.assert_allclose(
+        s.sigma(t, x.double()).flatten(), [(1 - abar[0]).sqrt(), (1 - abar[500]).sqrt(), 0.0]
+    )
     assert (a.float() ** 2 + sg.float() ** 2 - 1).abs().max() < 2e-3  # fp16 rounding
     assert s.alpha(7, x.double()).shape == ()
 
@@ -49,8 +84,12 @@ def test_from_pretrained_folder_file_and_object(tmp_path):
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(SDXL, _class_name="X")))
     ref = NoiseSchedule.from_config(SDXL).alphas_cumprod
-    for src in (tmp_path, tmp_path / "scheduler", str(tmp_path / "scheduler" / "scheduler_config.json"),
-                EulerDiscreteScheduler.from_config(SDXL)):
+    for src in (
+        tmp_path,
+        tmp_path / "scheduler",
+        str(tmp_path / "scheduler" / "scheduler_config.json"),
+        EulerDiscreteScheduler.from_config(SDXL),
+    ):
         s = NoiseSchedule.from_pretrained(src)
         assert torch.equal(s.alphas_cumprod, ref)
         assert (s.steps_offset, s.set_alpha_to_one, s.timestep_spacing) == (1, False, "leading")
@@ -75,7 +114,10 @@ def test_dpm_timesteps_match(spacing):
     sched = DPMSolverMultistepScheduler.from_config(dict(SDXL, timestep_spacing=spacing))
     for n in STEPS:
         sched.set_timesteps(n)
-        assert torch.equal(inference_timesteps(n, spacing, 1000, 1, solver="dpmpp2m"), sched.timesteps), (spacing, n)
+        assert torch.equal(inference_timesteps(n, spacing, 1000, 1, solver="dpmpp2m"), sched.timesteps), (
+            spacing,
+            n,
+        )
 
 
 def test_known_grids():

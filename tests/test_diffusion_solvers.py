@@ -6,19 +6,47 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
-from distill.diffusion import (NoiseSchedule, UNetCond, add_noise, consistency_scalings, ddim_step,
-                               guided_ddim_step, lcd_timestep_pair, move, to_x0_eps)
+from distill.diffusion import (
+    NoiseSchedule,
+    UNetCond,
+    add_noise,
+    consistency_scalings,
+    ddim_step,
+    guided_ddim_step,
+    lcd_timestep_pair,
+    move,
+    to_x0_eps,
+)
 
-SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", clip_sample=False,
-            set_alpha_to_one=False)
+SDXL = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine (10-20x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(6, 4, 3, 3, generator=g,
-                                                                                     dtype=torch.float64)
+    x0, eps = (
+        torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64),
+    )
     return x0, eps, torch.tensor([0, 1, 250, 500, 998, 999])
 
 
@@ -39,7 +67,8 @@ def test_pure_noise_at_T_only_touches_last_timestep(data):
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_to_x0_eps_recovers_the_truth(data, kind):
-    """Build the exact model output of each parameterization from known (x0, eps); conversion must invert it."""
+    """Build the exact model output of each parameterization from known (x0, eps); the conversion
+    must invert it."""
     x0, eps, t = data
     s = NoiseSchedule.from_config(dict(SDXL, prediction_type=kind))
     x_t = add_noise(x0, eps, t, s)
@@ -82,19 +111,25 @@ def test_move_matches_one_ddim_scheduler_step(kind):
 def _unet(seed: int):
     """A callable with the UNet signature whose output depends on x, t and the prompt embedding."""
     g = torch.Generator().manual_seed(seed)
-    w, p = torch.randn(4, 4, generator=g, dtype=torch.float64) / 2, torch.randn(8, 4, generator=g, dtype=torch.float64)
+    w, p = (
+        torch.randn(4, 4, generator=g, dtype=torch.float64) / 2,
+        torch.randn(8, 4, generator=g, dtype=torch.float64),
+    )
 
     def unet(x, t, encoder_hidden_states, **_):
         tt = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0]).reshape(-1, 1, 1, 1) / 1000
-        return (torch.einsum("oc,bchw->bohw", w, x) * (1 + tt)
-                + (encoder_hidden_states.mean(1) @ p)[:, :, None, None],)
+        return (
+            torch.einsum("oc,bchw->bohw", w, x) * (1 + tt)
+            + (encoder_hidden_states.mean(1) @ p)[:, :, None, None],
+        )
+
     return unet
 
 
 def test_lcd_teacher_solve_matches_lcm_paper_equations():
-    """LCM paper (arXiv 2310.04378) Algorithm 1 / eq. 9 with a DDIM solver, written out by hand:
-    z_n = z_{n+k} + (1+w) Psi(z, t_{n+k}, t_n, c) - w Psi(z, t_{n+k}, t_n, 0),
-    Psi(z, t, s, c) = DDIM(z, t, s, c) - z, DDIM(z, t, s, c) = a_s (z - s_t e)/a_t + s_s e, e = eps(z, t, c)."""
+    """LCM paper (arXiv 2310.04378) Algorithm 1 / eq. 9 with a DDIM solver, written out by hand: z_n = z_{n+k}
+    + (1+w) Psi(z, t_{n+k}, t_n, c) - w Psi(z, t_{n+k}, t_n, 0), Psi(z, t, s, c) = DDIM(z, t, s, c) - z,
+    DDIM(z, t, s, c) = a_s (z - s_t e)/a_t + s_s e, e = eps(z, t, c)."""
     s = NoiseSchedule.from_config(SDXL)
     abar = s.alphas_cumprod
     unet = _unet(2)

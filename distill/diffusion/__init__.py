@@ -3,16 +3,54 @@ DDIM / Euler / DPM-Solver++ steps, classifier-free guidance in one batched forwa
 samplers. Small pure torch functions; parity tests against diffusers' schedulers are their contract."""
 
 from distill.diffusion.guidance import UNetCond, guided_ddim_step, guided_prediction, unet_output
-from distill.diffusion.sampling import (make_generators, randn, sample_lcm, sample_lightning, sample_teacher,
-                                        seeded_noise)
-from distill.diffusion.schedule import (NoiseSchedule, inference_timesteps, lcd_timestep_pair,
-                                        lcm_inference_timesteps, lcm_skip_grid)
-from distill.diffusion.solvers import (DPMSolverPP2M, add_noise, consistency_scalings, ddim_step, euler_sigmas,
-                                       euler_step, move, to_x0_eps)
+from distill.diffusion.sampling import (
+    make_generators,
+    randn,
+    sample_lcm,
+    sample_lightning,
+    sample_teacher,
+    seeded_noise,
+)
+from distill.diffusion.schedule import (
+    NoiseSchedule,
+    inference_timesteps,
+    lcd_timestep_pair,
+    lcm_inference_timesteps,
+    lcm_skip_grid,
+)
+from distill.diffusion.solvers import (
+    DPMSolverPP2M,
+    add_noise,
+    consistency_scalings,
+    ddim_step,
+    euler_sigmas,
+    euler_step,
+    move,
+    to_x0_eps,
+)
 
 __all__ = [
-    "NoiseSchedule", "inference_timesteps", "lcm_inference_timesteps", "lcm_skip_grid", "lcd_timestep_pair",
-    "to_x0_eps", "add_noise", "ddim_step", "move", "euler_step", "euler_sigmas", "DPMSolverPP2M",
-    "consistency_scalings", "UNetCond", "guided_prediction", "guided_ddim_step", "unet_output",
-    "seeded_noise", "make_generators", "randn", "sample_teacher", "sample_lcm", "sample_lightning",
+    "DPMSolverPP2M",
+    "NoiseSchedule",
+    "UNetCond",
+    "add_noise",
+    "consistency_scalings",
+    "ddim_step",
+    "euler_sigmas",
+    "euler_step",
+    "guided_ddim_step",
+    "guided_prediction",
+    "inference_timesteps",
+    "lcd_timestep_pair",
+    "lcm_inference_timesteps",
+    "lcm_skip_grid",
+    "make_generators",
+    "move",
+    "randn",
+    "sample_lcm",
+    "sample_lightning",
+    "sample_teacher",
+    "seeded_noise",
+    "to_x0_eps",
+    "unet_output",
 ]

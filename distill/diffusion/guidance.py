@@ -3,8 +3,8 @@
 Two forms of the same guidance (arXiv 2207.12598 eq. 6; LCM paper arXiv 2310.04378 eq. 9):
   standard (diffusers pipelines, Imagen): pred = uncond + s (cond - uncond)
   lcm:                                    pred = cond + w (cond - uncond)  ==  standard with s = w + 1
-Because x0_hat and eps_hat are affine in the model output with the same x_t coefficients, guiding the output and
-then converting equals guiding x0 and eps separately (what diffusers' LCD scripts do).
+Because x0_hat and eps_hat are affine in the model output with the same x_t coefficients, guiding the
+output and then converting equals guiding x0 and eps separately (what diffusers' LCD scripts do).
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from distill.diffusion.solvers import ddim_step, to_x0_eps
 class UNetCond:
     """Everything a UNet2DConditionModel takes besides (x, t), batched on dim 0.
 
-    encoder_hidden_states: (B, L, D) prompt embeddings.
-    text_embeds: (B, P) SDXL pooled text embedding (None for SD 1.5).
-    time_ids: (B, 6) SDXL micro-conditioning [orig_h, orig_w, crop_top, crop_left, target_h, target_w].
-    timestep_cond: (B, Dw) the LCM guidance (w) embedding fed to `time_embedding.cond_proj`.
+    encoder_hidden_states: (B, L, D) prompt embeddings. text_embeds: (B, P) SDXL pooled text embedding (None
+    for SD 1.5). time_ids: (B, 6) SDXL micro-conditioning [orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w]. timestep_cond: (B, Dw) the LCM guidance (w) embedding fed to `time_embedding.cond_proj`.
     """
 
     encoder_hidden_states: Tensor
@@ -45,21 +44,30 @@ class UNetCond:
         return out
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> UNetCond:
-        return UNetCond(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                           for f in fields(self)})
+        return UNetCond(
+            **{
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                for f in fields(self)
+            }
+        )
 
     def zeros_like(self) -> UNetCond:
         """The unconditional branch: all-zero prompt and pooled embeddings with the SAME time_ids and
         timestep_cond (SDXL's force_zeros_for_empty_prompt; the LCD scripts' uncond)."""
-        return replace(self, encoder_hidden_states=torch.zeros_like(self.encoder_hidden_states),
-                       text_embeds=None if self.text_embeds is None else torch.zeros_like(self.text_embeds))
+        return replace(
+            self,
+            encoder_hidden_states=torch.zeros_like(self.encoder_hidden_states),
+            text_embeds=None if self.text_embeds is None else torch.zeros_like(self.text_embeds),
+        )
 
     def cat(self, other: UNetCond) -> UNetCond:
         """Batch concatenation [self, other]; both must set the same optional fields."""
+
         def pair(a: Tensor | None, b: Tensor | None) -> Tensor | None:
             if (a is None) != (b is None):
                 raise ValueError("UNetCond.cat: the two conditions set different optional fields")
             return None if a is None else torch.cat([a, b])
+
         return UNetCond(**{f.name: pair(getattr(self, f.name), getattr(other, f.name)) for f in fields(self)})
 
     def repeat(self, n: int) -> UNetCond:
@@ -94,8 +102,15 @@ def _per_sample(scale: float | Tensor, like: Tensor) -> float | Tensor:
     return scale
 
 
-def guided_prediction(unet: Callable[..., Any], x_t: Tensor, t: Tensor | int, cond: UNetCond,
-                      uncond: UNetCond | None, scale: float | Tensor, form: str = "standard") -> Tensor:
+def guided_prediction(
+    unet: Callable[..., Any],
+    x_t: Tensor,
+    t: Tensor | int,
+    cond: UNetCond,
+    uncond: UNetCond | None,
+    scale: float | Tensor,
+    form: str = "standard",
+) -> Tensor:
     """Classifier-free guided model output, cond and uncond as ONE forward of batch 2B.
 
     form "standard": uncond + scale (cond - uncond); form "lcm": cond + scale (cond - uncond).
@@ -117,11 +132,20 @@ def guided_prediction(unet: Callable[..., Any], x_t: Tensor, t: Tensor | int, co
     return out_cond + s * (out_cond - out_uncond)
 
 
-def guided_ddim_step(unet: Callable[..., Any], x_t: Tensor, t: Tensor, s: Tensor, cond: UNetCond,
-                     uncond: UNetCond | None, scale: float | Tensor, schedule: NoiseSchedule, form: str = "lcm",
-                     prediction_type: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """LCD's teacher ODE solve (LCM paper, Algorithm 1 with a DDIM solver Psi): one deterministic DDIM step from
-    t (= t_{n+k}) to s (= t_n) on the guided prediction,
+def guided_ddim_step(
+    unet: Callable[..., Any],
+    x_t: Tensor,
+    t: Tensor,
+    s: Tensor,
+    cond: UNetCond,
+    uncond: UNetCond | None,
+    scale: float | Tensor,
+    schedule: NoiseSchedule,
+    form: str = "lcm",
+    prediction_type: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LCD's teacher ODE solve (LCM paper, Algorithm 1 with a DDIM solver Psi): one deterministic DDIM
+    step from t (= t_{n+k}) to s (= t_n) on the guided prediction,
         z_s = (1 + w) DDIM(z_t, cond) - w DDIM(z_t, uncond)   (eq. 9, form "lcm"),
     which, DDIM being affine in the model output, is DDIM on the guided x0 and eps. Returns (x_s, x0, eps).
     Runs under whatever grad mode the caller set (the teacher is normally called under torch.no_grad()).

@@ -1,9 +1,9 @@
 """Per-sample seeded noise and the samplers (teacher DDIM / Euler / DPM-Solver++(2M), LCM, SDXL-Lightning).
 
-Each sampler reproduces the corresponding diffusers scheduler loop (same timesteps, same update, same noise use)
-and returns the final clean latents (B, C, H, W). `noise` is unit-variance N(0, I) noise; samplers that work in
-x/alpha coordinates scale it by the scheduler's init_noise_sigma themselves. The UNet receives timesteps as a
-(B,) tensor; `unet` is any callable with the UNet2DConditionModel signature.
+Each sampler reproduces the corresponding diffusers scheduler loop (same timesteps, same update, same noise
+use) and returns the final clean latents (B, C, H, W). `noise` is unit-variance N(0, I) noise; samplers that
+work in x/alpha coordinates scale it by the scheduler's init_noise_sigma themselves. The UNet receives
+timesteps as a (B,) tensor; `unet` is any callable with the UNet2DConditionModel signature.
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ from torch import Tensor
 
 from distill.diffusion.guidance import UNetCond, guided_prediction, unet_output
 from distill.diffusion.schedule import NoiseSchedule, inference_timesteps, lcm_inference_timesteps
-from distill.diffusion.solvers import (DPMSolverPP2M, add_noise, consistency_scalings, euler_sigmas, euler_step,
-                                       move, to_x0_eps)
+from distill.diffusion.solvers import (
+    DPMSolverPP2M,
+    add_noise,
+    consistency_scalings,
+    euler_sigmas,
+    euler_step,
+    move,
+    to_x0_eps,
+)
 
 Generators = torch.Generator | list[torch.Generator] | None
 
@@ -28,9 +35,14 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-    """N(0, I) of `shape` (batch first) drawn like diffusers' `randn_tensor`: with a list of generators, sample i
-    comes from generator i alone (drawn on the generator's device, then moved); else one draw for the batch."""
+def randn(
+    shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype
+) -> Tensor:
+    """N(0, I) of `shape` (batch first) drawn like diffusers' `randn_tensor`.
+
+    With a list of generators, sample i comes from generator i alone (drawn on the generator's device, then
+    moved); with one generator (or None), one draw for the whole batch.
+    """
     shape = tuple(shape)
     if isinstance(generator, list) and len(generator) == 1:
         generator = generator[0]
@@ -43,14 +55,18 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
     return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
-def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Tensor:
-    """Initial noise (len(seeds), *shape[1:]) where sample i depends only on seeds[i] (EDM's StackedRandomGenerator):
-    grids and metrics do not change with batch size or process count.
+def seeded_noise(
+    seeds: Sequence[int],
+    shape: Sequence[int],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Initial noise (len(seeds), *shape[1:]) where sample i depends only on seeds[i] (EDM's
+    StackedRandomGenerator): grids and metrics do not change with batch size or process count.
 
     `shape` is the full batch shape (B, C, H, W) with B == len(seeds). Identical to diffusers'
-    `randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in seeds], dtype=dtype)`, i.e. to what a
-    diffusers pipeline draws when given that generator list.
+    `randn_tensor(shape, generator=[torch.Generator().manual_seed(s) for s in seeds], dtype=dtype)`, i.e. to
+    what a diffusers pipeline draws when given that generator list.
     """
     if len(shape) < 1 or shape[0] != len(seeds):
         raise ValueError(f"seeded_noise: shape[0] ({tuple(shape)}) must equal len(seeds) ({len(seeds)})")
@@ -62,16 +78,24 @@ def _batch_t(t: Tensor | float, x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sample_teacher(unet: Callable[..., Any], noise: Tensor, cond: UNetCond, uncond: UNetCond | None,
-                   schedule: NoiseSchedule, num_steps: int, solver: str = "ddim", guidance_scale: float = 5.0,
-                   spacing: str = "trailing") -> Tensor:
+def sample_teacher(
+    unet: Callable[..., Any],
+    noise: Tensor,
+    cond: UNetCond,
+    uncond: UNetCond | None,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    solver: str = "ddim",
+    guidance_scale: float = 5.0,
+    spacing: str = "trailing",
+) -> Tensor:
     """Sample a many-step teacher with classifier-free guidance (standard form, one 2B forward per step).
 
     solver: "ddim" (DDIMScheduler, eta 0), "euler" (EulerDiscreteScheduler) or "dpmpp2m"
-    (DPMSolverMultistepScheduler defaults). As in diffusers' pipelines, guidance_scale <= 1 or uncond None runs
-    the cond branch alone. DDIM steps from t to t - T // num_steps exactly as DDIMScheduler does; the step past 0
-    lands on abar = 1 when the schedule's set_alpha_to_one is true (DDIM's default) and on abar_0 otherwise
-    (SDXL's and SD 1.5's configs say false).
+    (DPMSolverMultistepScheduler defaults). As in diffusers' pipelines, guidance_scale <= 1 or uncond None
+    runs the cond branch alone. DDIM steps from t to t - T // num_steps exactly as DDIMScheduler does; the
+    step past 0 lands on abar = 1 when the schedule's set_alpha_to_one is true (DDIM's default) and on abar_0
+    otherwise (SDXL's and SD 1.5's configs say false).
     """
     uncond = uncond if guidance_scale > 1 else None
     T = schedule.num_train_timesteps
@@ -91,7 +115,9 @@ def sample_teacher(unet: Callable[..., Any], noise: Tensor, cond: UNetCond, unco
         timesteps = inference_timesteps(num_steps, spacing, T, schedule.steps_offset, "euler")
         return _euler_loop(predict, noise, schedule, timesteps, schedule.prediction_type, spacing)
     if solver == "dpmpp2m":
-        dpm = DPMSolverPP2M(schedule, inference_timesteps(num_steps, spacing, T, schedule.steps_offset, "dpmpp2m"))
+        dpm = DPMSolverPP2M(
+            schedule, inference_timesteps(num_steps, spacing, T, schedule.steps_offset, "dpmpp2m")
+        )
         x = noise
         for t in dpm.timesteps.tolist():
             x = dpm.step(predict(x, t), x)
@@ -99,8 +125,14 @@ def sample_teacher(unet: Callable[..., Any], noise: Tensor, cond: UNetCond, unco
     raise ValueError(f"solver={solver!r} (ddim, euler, dpmpp2m)")
 
 
-def _euler_loop(predict: Callable[[Tensor, Tensor | float], Tensor], noise: Tensor, schedule: NoiseSchedule,
-                timesteps: Tensor, prediction_type: str, spacing: str) -> Tensor:
+def _euler_loop(
+    predict: Callable[[Tensor, Tensor | float], Tensor],
+    noise: Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Tensor,
+    prediction_type: str,
+    spacing: str,
+) -> Tensor:
     """EulerDiscreteScheduler's loop: x lives in x/alpha coordinates, starts at noise * init_noise_sigma,
     the model sees x / sqrt(sigma^2 + 1) (= the VP x_t), and the last step lands on sigma = 0 (clean)."""
     sig = euler_sigmas(schedule, timesteps).tolist()
@@ -115,13 +147,13 @@ def _euler_loop(predict: Callable[[Tensor, Tensor | float], Tensor], noise: Tens
 class _StepNoise:
     """The fresh noise LCMScheduler.step draws between steps, made per-sample deterministic.
 
-    seeds (list[int]): generators seeded per sample and first advanced past one draw of the initial-noise shape,
-        so the run equals diffusers' LCM pipeline called with
+    seeds (list[int]): generators seeded per sample and first advanced past one draw of the initial-noise
+        shape, so the run equals diffusers' LCM pipeline called with
         `generator=[torch.Generator().manual_seed(s) for s in seeds]` and `latents=seeded_noise(seeds, ...)`
         (the pipeline draws the initial latents from those generators, then each step's noise).
     list[torch.Generator]: used as given, as the pipeline uses them after drawing its latents.
-    torch.Generator: one draw per step for the whole batch (diffusers' single-generator behaviour; sample i then
-        depends on the batch size).
+    torch.Generator: one draw per step for the whole batch (diffusers' single-generator behaviour;
+        sample i then depends on the batch size).
     """
 
     def __init__(self, source: Sequence[int] | Generators, noise: Tensor):
@@ -137,18 +169,28 @@ class _StepNoise:
 
 
 @torch.no_grad()
-def sample_lcm(unet: Callable[..., Any], noise: Tensor, cond: UNetCond, schedule: NoiseSchedule, num_steps: int,
-               seeds_or_generator: Sequence[int] | Generators, original_inference_steps: int = 50,
-               timestep_cond: Tensor | None = None) -> Tensor:
+def sample_lcm(
+    unet: Callable[..., Any],
+    noise: Tensor,
+    cond: UNetCond,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    seeds_or_generator: Sequence[int] | Generators,
+    original_inference_steps: int = 50,
+    timestep_cond: Tensor | None = None,
+) -> Tensor:
     """Multistep consistency sampling (LCM paper, Algorithm 3) with LCMScheduler semantics: at each t,
     denoised = c_skip(t) x_t + c_out(t) x0_hat; unless last, x_{t'} = add_noise(denoised, fresh noise, t'),
     t' the next LCM timestep. No CFG: guidance reaches an LCM through `timestep_cond` (the w-embedding,
-    overriding cond.timestep_cond when given) or is baked in (LCM-LoRA). See `_StepNoise` for the noise source.
+    overriding cond.timestep_cond when given) or is baked in (LCM-LoRA). See `_StepNoise` for the
+    noise source.
     """
     if timestep_cond is not None:
         cond = replace(cond, timestep_cond=timestep_cond)
     step_noise = _StepNoise(seeds_or_generator, noise)
-    timesteps = lcm_inference_timesteps(num_steps, original_inference_steps, schedule.num_train_timesteps).tolist()
+    timesteps = lcm_inference_timesteps(
+        num_steps, original_inference_steps, schedule.num_train_timesteps
+    ).tolist()
     x = noise
     for i, t in enumerate(timesteps):
         tb = _batch_t(t, x)
@@ -162,8 +204,14 @@ def sample_lcm(unet: Callable[..., Any], noise: Tensor, cond: UNetCond, schedule
 
 
 @torch.no_grad()
-def sample_lightning(unet: Callable[..., Any], noise: Tensor, cond: UNetCond, schedule: NoiseSchedule,
-                     num_steps: int, prediction_type: str = "epsilon") -> Tensor:
+def sample_lightning(
+    unet: Callable[..., Any],
+    noise: Tensor,
+    cond: UNetCond,
+    schedule: NoiseSchedule,
+    num_steps: int,
+    prediction_type: str = "epsilon",
+) -> Tensor:
     """SDXL-Lightning inference: Euler on trailing timesteps (999, 749, 499, 249 for 4), no CFG, as
     EulerDiscreteScheduler(timestep_spacing="trailing", prediction_type=...) samples. The 1-step model uses
     prediction_type="sample" (arXiv 2402.13929, Sec. 3.7)."""

@@ -24,11 +24,18 @@ import torch
 from torch import Tensor
 
 # Keys a diffusers scheduler config may carry that change the schedule; anything else is ignored.
-_DEFAULTS: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False,
-    set_alpha_to_one=True,
-)
+_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "set_alpha_to_one": True,
+}
 
 
 def _betas(cfg: dict[str, Any]) -> Tensor:
@@ -41,13 +48,19 @@ def _betas(cfg: dict[str, Any]) -> Tensor:
     if kind == "scaled_linear":  # latent diffusion: linear in sqrt(beta)
         return torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
     if kind == "squaredcos_cap_v2":  # improved DDPM (arXiv 2102.09672) eq. 17, betas capped at 0.999
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-        return torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float32)
+
+        def f(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor(
+            [min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float32
+        )
     raise ValueError(f"beta_schedule={kind!r} is not supported (linear, scaled_linear, squaredcos_cap_v2)")
 
 
 def _rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Lin et al. 2023 (arXiv 2305.08891) Algorithm 1: shift and scale sqrt(abar) so abar_T = 0, abar_0 kept."""
+    """Lin et al. 2023 (arXiv 2305.08891) Algorithm 1: shift and scale sqrt(abar) so that abar_T = 0
+    while abar_0 is kept."""
     abar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
     abar_sqrt = (abar_sqrt - last) * (first / (first - last))
@@ -64,12 +77,20 @@ class NoiseSchedule:
             so float64 math downstream starts from the very numbers the teacher was trained with.
         num_train_timesteps: T.
         prediction_type: "epsilon", "v_prediction" or "sample".
-        timestep_spacing, steps_offset, set_alpha_to_one: the config's inference defaults (samplers read them).
+        timestep_spacing, steps_offset, set_alpha_to_one: the config's inference defaults
+            (samplers read them).
         zero_terminal_snr: whether betas were rescaled to abar_{T-1} = 0.
     """
 
-    def __init__(self, alphas_cumprod: Tensor, prediction_type: str = "epsilon", timestep_spacing: str = "leading",
-                 steps_offset: int = 0, set_alpha_to_one: bool = True, zero_terminal_snr: bool = False):
+    def __init__(
+        self,
+        alphas_cumprod: Tensor,
+        prediction_type: str = "epsilon",
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        set_alpha_to_one: bool = True,
+        zero_terminal_snr: bool = False,
+    ):
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type={prediction_type!r} (epsilon, v_prediction, sample)")
         self.alphas_cumprod = alphas_cumprod.detach().to("cpu", torch.float64)
@@ -91,13 +112,20 @@ class NoiseSchedule:
         if c["rescale_betas_zero_snr"]:
             betas = _rescale_zero_terminal_snr(betas)
         abar = torch.cumprod(1.0 - betas, dim=0)
-        return cls(abar, c["prediction_type"], c["timestep_spacing"], c["steps_offset"], c["set_alpha_to_one"],
-                   c["rescale_betas_zero_snr"])
+        return cls(
+            abar,
+            c["prediction_type"],
+            c["timestep_spacing"],
+            c["steps_offset"],
+            c["set_alpha_to_one"],
+            c["rescale_betas_zero_snr"],
+        )
 
     @classmethod
     def from_pretrained(cls, dir_or_scheduler: Any) -> NoiseSchedule:
-        """From a diffusers scheduler object, a config dict, a local model folder (with `scheduler/`), a scheduler
-        folder, a scheduler_config.json path, or a hub id already in the local cache (never downloads)."""
+        """From a diffusers scheduler object, a config dict, a local model folder (with `scheduler/`),
+        a scheduler folder, a scheduler_config.json path, or a hub id already in the local cache (this
+        never downloads: diffusers' own lookup, under HF_HUB_OFFLINE)."""
         if hasattr(dir_or_scheduler, "config"):
             return cls.from_config(dict(dir_or_scheduler.config))
         if isinstance(dir_or_scheduler, dict):
@@ -128,7 +156,8 @@ class NoiseSchedule:
         return self._table(device)[torch.where(t < 0, self.num_train_timesteps, t)]
 
     def alpha(self, t: Tensor | int, like: Tensor) -> Tensor:
-        """sqrt(abar_t) in like's dtype/device, shaped (B, 1, ..., 1) to broadcast against like (t of shape (B,)).
+        """sqrt(abar_t) in like's dtype/device, shaped (B, 1, ..., 1) to broadcast against like (t of shape
+        (B,)).
 
         A scalar t gives a 0-dim tensor. alpha = 1 at t < 0.
         """
@@ -141,8 +170,8 @@ class NoiseSchedule:
     def ve_sigma(self, t: Tensor | int) -> Tensor:
         """sqrt((1 - abar_t) / abar_t), float64 CPU, shape of t: the noise level in x/alpha coordinates.
 
-        With zero terminal SNR, abar_{T-1} is replaced by 2**-24 here (as diffusers' Euler and DPM schedulers do)
-        so the level stays finite.
+        With zero terminal SNR, abar_{T-1} is replaced by 2**-24 here (as diffusers' Euler and DPM schedulers
+        do) so the level stays finite.
         """
         abar = self.abar(torch.as_tensor(t).cpu())
         if self.zero_terminal_snr:
@@ -150,8 +179,10 @@ class NoiseSchedule:
         return ((1.0 - abar) / abar).sqrt()
 
     def __repr__(self) -> str:
-        return (f"NoiseSchedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
-                f"abar[0]={self.alphas_cumprod[0].item():.6f}, abar[-1]={self.alphas_cumprod[-1].item():.6f})")
+        return (
+            f"NoiseSchedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
+            f"abar[0]={self.alphas_cumprod[0].item():.6f}, abar[-1]={self.alphas_cumprod[-1].item():.6f})"
+        )
 
 
 def _broadcast(v: Tensor, like: Tensor) -> Tensor:
@@ -160,19 +191,24 @@ def _broadcast(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (like.ndim - 1)) if v.ndim == 1 else v
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------
 # Timestep grids. Each reproduces the numpy expression of the diffusers scheduler it names, rounding included
 # (e.g. trailing with 3 steps is 999, 666, 332), so the same model sees the same timesteps either way.
 
 
-def inference_timesteps(num_steps: int, spacing: str = "trailing", num_train_timesteps: int = 1000,
-                        steps_offset: int = 0, solver: str = "ddim") -> Tensor:
+def inference_timesteps(
+    num_steps: int,
+    spacing: str = "trailing",
+    num_train_timesteps: int = 1000,
+    steps_offset: int = 0,
+    solver: str = "ddim",
+) -> Tensor:
     """The descending timesteps of `set_timesteps(num_steps)` (Lin et al. 2023, arXiv 2305.08891, Table 2).
 
     solver: "ddim" (DDIMScheduler; also EulerDiscreteScheduler except linspace) or "dpmpp2m"
     (DPMSolverMultistepScheduler, whose linspace/leading grids divide [0, T) into num_steps + 1 intervals and
-    drop t = 0), or "euler" (EulerDiscreteScheduler: linspace is NOT rounded, so it returns float timesteps there).
-    Returns a LongTensor, except a float64 tensor for solver="euler" with spacing="linspace".
+    drop t = 0), or "euler" (EulerDiscreteScheduler: linspace is NOT rounded, so it returns float timesteps
+    there). Returns a LongTensor, except a float64 tensor for solver="euler" with spacing="linspace".
     """
     n, T = int(num_steps), int(num_train_timesteps)
     if not 1 <= n <= T:
@@ -190,23 +226,27 @@ def inference_timesteps(num_steps: int, spacing: str = "trailing", num_train_tim
     elif solver == "dpmpp2m" and spacing == "linspace":
         ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
     else:
-        raise ValueError(f"spacing={spacing!r} / solver={solver!r} (spacing: leading|trailing|linspace; "
-                         "solver: ddim|euler|dpmpp2m)")
+        raise ValueError(
+            f"spacing={spacing!r} / solver={solver!r} (spacing: leading|trailing|linspace; "
+            "solver: ddim|euler|dpmpp2m)"
+        )
     return torch.from_numpy(ts.copy())
 
 
 def lcm_skip_grid(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
-    """LCD's skipping-step grid t_i = (i + 1) k - 1, k = T // N, i = 0..N-1 (LCM paper, arXiv 2310.04378, Sec. 4.3).
-
-    For T=1000, N=50: 19, 39, ..., 999 (ascending), the grid LCMScheduler(original_inference_steps=N) samples on.
+    """LCD's skipping-step grid t_i = (i + 1) k - 1, k = T // N, i = 0..N-1 (LCM paper, arXiv 2310.04378,
+    Sec. 4.3). For T=1000, N=50: 19, 39, ..., 999 (ascending), the grid that
+    LCMScheduler(original_inference_steps=N) samples from.
     """
     k = num_train_timesteps // num_ddim_timesteps
     return (torch.arange(num_ddim_timesteps, dtype=torch.long) + 1) * k - 1
 
 
-def lcd_timestep_pair(index: Tensor, num_train_timesteps: int = 1000,
-                      num_ddim_timesteps: int = 50) -> tuple[Tensor, Tensor]:
-    """(t_{n+k}, t_n) for LCD grid indices: the noisy point t_i and the teacher's target t_i - k, clamped at 0.
+def lcd_timestep_pair(
+    index: Tensor, num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50
+) -> tuple[Tensor, Tensor]:
+    """(t_{n+k}, t_n) for LCD grid indices: the noisy point t_i and the teacher's target t_i - k, clamped at
+    0.
 
     The clamp makes the target of i = 0 (t = 19) land on t = 0 with abar_0 (not 1), as diffusers' LCD scripts.
     """
@@ -215,8 +255,9 @@ def lcd_timestep_pair(index: Tensor, num_train_timesteps: int = 1000,
     return t, (t - k).clamp_min(0)
 
 
-def lcm_inference_timesteps(num_steps: int, original_inference_steps: int = 50,
-                            num_train_timesteps: int = 1000) -> Tensor:
+def lcm_inference_timesteps(
+    num_steps: int, original_inference_steps: int = 50, num_train_timesteps: int = 1000
+) -> Tensor:
     """LCMScheduler.set_timesteps(num_steps) (strength 1): num_steps evenly spaced indices into the reversed
     skip grid, e.g. 4 steps of the 50-grid: 999, 759, 499, 259."""
     n, orig = int(num_steps), int(original_inference_steps)

@@ -1,8 +1,8 @@
-"""Pure solver steps on a `NoiseSchedule`: prediction conversions, forward noising, DDIM / Euler / DPM-Solver++
-steps, SDXL-Lightning's `move` and the consistency-model boundary scalings.
+"""Pure solver steps on a `NoiseSchedule`: prediction conversions, forward noising, DDIM / Euler /
+DPM-Solver++ steps, SDXL-Lightning's `move` and the consistency-model boundary scalings.
 
-Everything is elementwise over a batch: timesteps are LongTensors (B,) (per-sample) or scalars, coefficients are
-gathered in float64 and cast to the data's dtype. Shapes: x (B, C, H, W) or any (B, ...).
+Everything is elementwise over a batch: timesteps are LongTensors (B,) (per-sample) or scalars, coefficients
+are gathered in float64 and cast to the data's dtype. Shapes: x (B, C, H, W) or any (B, ...).
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from torch import Tensor
 from distill.diffusion.schedule import NoiseSchedule
 
 
-def to_x0_eps(model_output: Tensor, x_t: Tensor, t: Tensor | int, schedule: NoiseSchedule,
-              prediction_type: str | None = None) -> tuple[Tensor, Tensor]:
-    """(x0_hat, eps_hat) implied by a model output at x_t, with x_t = a x0 + s eps, a = sqrt(abar_t), s = sqrt(1-abar_t).
+def to_x0_eps(
+    model_output: Tensor,
+    x_t: Tensor,
+    t: Tensor | int,
+    schedule: NoiseSchedule,
+    prediction_type: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(x0_hat, eps_hat) implied by a model output at x_t, where x_t = a x0 + s eps,
+    a = sqrt(abar_t), s = sqrt(1 - abar_t).
 
     epsilon:      x0 = (x_t - s eps) / a                    (DDIM, arXiv 2010.02502, eq. 12 "predicted x0")
     v_prediction: v = a eps - s x0, so x0 = a x_t - s v, eps = a v + s x_t   (arXiv 2202.00512, Sec. 4)
@@ -35,9 +41,11 @@ def to_x0_eps(model_output: Tensor, x_t: Tensor, t: Tensor | int, schedule: Nois
     raise ValueError(f"prediction_type={kind!r} (epsilon, v_prediction, sample)")
 
 
-def add_noise(x0: Tensor, eps: Tensor, t: Tensor | int, schedule: NoiseSchedule,
-              pure_noise_at_T: bool = False) -> Tensor:
-    """Forward process q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM, arXiv 2006.11239, eq. 4).
+def add_noise(
+    x0: Tensor, eps: Tensor, t: Tensor | int, schedule: NoiseSchedule, pure_noise_at_T: bool = False
+) -> Tensor:
+    """Forward process q(x_t | x0): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM, arXiv 2006.11239, eq.
+    4).
 
     pure_noise_at_T: where t == T-1 return eps itself. SDXL's abar_{T-1} = 0.0047 leaks signal at the start of
     sampling; SDXL-Lightning (arXiv 2402.13929, Sec. 3.3) trains at t = T on pure noise to match inference.
@@ -55,16 +63,27 @@ def ddim_step(x0: Tensor, eps: Tensor, s: Tensor | int, schedule: NoiseSchedule)
     return schedule.alpha(s, x0) * x0 + schedule.sigma(s, x0) * eps
 
 
-def move(x_t: Tensor, model_output: Tensor, t: Tensor | int, t_next: Tensor | int, schedule: NoiseSchedule,
-         prediction_type: str | None = None) -> Tensor:
-    """SDXL-Lightning's move(x_t, u, t, t') = forward(x(x_t, u, t), eps(x_t, u, t), t') (arXiv 2402.13929, Sec. 2):
-    one deterministic DDIM step from t to t_next with the prediction made at t."""
+def move(
+    x_t: Tensor,
+    model_output: Tensor,
+    t: Tensor | int,
+    t_next: Tensor | int,
+    schedule: NoiseSchedule,
+    prediction_type: str | None = None,
+) -> Tensor:
+    """SDXL-Lightning's move(x_t, u, t, t') = forward(x(x_t, u, t), eps(x_t, u, t), t') (arXiv 2402.13929,
+    Sec. 2): one deterministic DDIM step from t to t_next with the prediction made at t."""
     x0, eps = to_x0_eps(model_output, x_t, t, schedule, prediction_type)
     return ddim_step(x0, eps, t_next, schedule)
 
 
-def euler_step(x: Tensor, model_output: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
-               prediction_type: str = "epsilon") -> Tensor:
+def euler_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    prediction_type: str = "epsilon",
+) -> Tensor:
     """One Euler step of the probability-flow ODE dx/dsigma = (x - D(x)) / sigma in x/alpha coordinates
     (EDM, arXiv 2206.00364, eq. 3 and Algorithm 1 without churn), as diffusers' EulerDiscreteScheduler.step.
 
@@ -74,7 +93,9 @@ def euler_step(x: Tensor, model_output: Tensor, sigma: float | Tensor, sigma_nex
         x0 = x - sigma * model_output
     elif prediction_type == "sample":
         x0 = model_output
-    elif prediction_type == "v_prediction":  # in VE coordinates: x0 = -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1)
+    elif (
+        prediction_type == "v_prediction"
+    ):  # in VE coordinates: x0 = -sigma/sqrt(sigma^2+1) v + x/(sigma^2+1)
         x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
     else:
         raise ValueError(f"prediction_type={prediction_type!r} (epsilon, v_prediction, sample)")
@@ -91,17 +112,25 @@ class DPMSolverPP2M:
     `x = solver.step(model(x, t), x)`. The timesteps are `inference_timesteps(n, spacing, solver="dpmpp2m")`.
     """
 
-    def __init__(self, schedule: NoiseSchedule, timesteps: Tensor, prediction_type: str | None = None,
-                 lower_order_final: bool = True):
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        timesteps: Tensor,
+        prediction_type: str | None = None,
+        lower_order_final: bool = True,
+    ):
         self.schedule = schedule
         self.timesteps = timesteps.long().cpu()
         self.prediction_type = prediction_type or schedule.prediction_type
         self.lower_order_final = lower_order_final
         ve = torch.cat([schedule.ve_sigma(self.timesteps), torch.zeros(1, dtype=torch.float64)]).tolist()
-        # VP pair (alpha, sigma) of each grid point and its half log-SNR lambda = log(alpha / sigma) (paper eq. 3).
+        # VP pair (alpha, sigma) of each grid point and its half log-SNR lambda = log(alpha / sigma)
+        # (paper eq. 3).
         self._alpha = [1.0 / math.sqrt(v * v + 1.0) for v in ve]
         self._sigma = [v * a for v, a in zip(ve, self._alpha)]
-        self._lambda = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(self._alpha, self._sigma)]
+        self._lambda = [
+            math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(self._alpha, self._sigma)
+        ]
         self.step_index = 0
         self._prev_x0: Tensor | None = None
 
@@ -123,7 +152,9 @@ class DPMSolverPP2M:
             raise RuntimeError("DPMSolverPP2M: all steps taken")
         x0 = self._x0(model_output, x)
         a_t, s_s, s_t = self._alpha[i + 1], self._sigma[i], self._sigma[i + 1]
-        first_order = self._prev_x0 is None or (i == n - 1 and (self.lower_order_final and n < 15 or s_t == 0))
+        first_order = self._prev_x0 is None or (
+            i == n - 1 and (self.lower_order_final and n < 15 or s_t == 0)
+        )
         if s_t == 0.0:
             # Final sigma 0: h = inf and the first-order update's limit is x0 itself.
             x_next = x0
@@ -142,8 +173,9 @@ class DPMSolverPP2M:
 
 
 def euler_sigmas(schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
-    """Sigma grid (x/alpha coordinates) of EulerDiscreteScheduler for these timesteps, with a final 0 appended:
-    linear interpolation of sqrt((1-abar)/abar) at (possibly fractional) timesteps (interpolation_type "linear")."""
+    """Sigma grid (x/alpha coordinates) of EulerDiscreteScheduler for these timesteps, with a final 0
+    appended: linear interpolation of sqrt((1-abar)/abar) at (possibly fractional) timesteps
+    (interpolation_type "linear")."""
     table = schedule.ve_sigma(torch.arange(schedule.num_train_timesteps))
     t = timesteps.to(torch.float64).cpu()
     lo = t.floor().long().clamp(0, schedule.num_train_timesteps - 1)
@@ -152,15 +184,19 @@ def euler_sigmas(schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
     return torch.cat([table[lo] * (1 - w) + table[hi] * w, torch.zeros(1, dtype=torch.float64)])
 
 
-def consistency_scalings(t: Tensor | int, timestep_scaling: float = 10.0, sigma_data: float = 0.5,
-                         like: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def consistency_scalings(
+    t: Tensor | int, timestep_scaling: float = 10.0, sigma_data: float = 0.5, like: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Boundary-condition scalings of the consistency function f = c_skip x_t + c_out x0_hat (LCM paper,
     arXiv 2310.04378, eq. 5 / Consistency Models arXiv 2303.01469, App. C) as diffusers' LCMScheduler:
     c_skip = s_d^2 / ((s t)^2 + s_d^2), c_out = s t / sqrt((s t)^2 + s_d^2), s = timestep_scaling.
 
     Computed in float64; with `like`, cast to its dtype and shaped (B, 1, ..., 1).
     """
-    st = torch.as_tensor(t, dtype=torch.float64, device=like.device if like is not None else None) * timestep_scaling
+    st = (
+        torch.as_tensor(t, dtype=torch.float64, device=like.device if like is not None else None)
+        * timestep_scaling
+    )
     c_skip = sigma_data**2 / (st**2 + sigma_data**2)
     c_out = st / (st**2 + sigma_data**2) ** 0.5
     if like is not None:

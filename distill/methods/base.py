@@ -73,6 +73,12 @@ class Method:
         self.modules: dict[str, nn.Module] = {}
 
     # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def stages(cls, cfg: DictConfig, run_dir: Path) -> list[DictConfig]:
+        """The configs of the runs this method is made of, in order. One by default; a progressive method
+        returns one per stage (each can point its model at the previous stage's export under run_dir)."""
+        return [cfg]
+
     def param_groups(self) -> list[list[dict]]:
         """One list of torch param groups per optimizer (see `optimizer_names`)."""
         raise NotImplementedError

@@ -34,7 +34,7 @@ class LCD(Method):
         self.grid = lcm_skip_grid(self.schedule.num_train_timesteps, m.num_ddim_timesteps).to(device)
         self.k = self.schedule.num_train_timesteps // m.num_ddim_timesteps
         self.teacher = comps.unet
-        self.lora = m.lora is not None
+        self.lora = bool(m.lora.enabled)
         if self.lora:
             self.student = self.teacher  # one UNet in memory: adapters on = student, off = teacher
             self.trainable = add_lora(self.student, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)

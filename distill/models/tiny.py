@@ -133,9 +133,14 @@ def build_vae(preset: str = "test") -> AutoencoderKL:
 
 def build_pipeline(arch: str = "sdxl", preset: str = "test", seed: int = 0, tokenizer_dir: str | Path | None = None):
     """A complete randomly initialised tiny pipeline (StableDiffusionXLPipeline or StableDiffusionPipeline)."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+        torch.manual_seed(seed)
+        return _build_pipeline(arch, preset, tokenizer_dir)
+
+
+def _build_pipeline(arch: str, preset: str, tokenizer_dir: str | Path | None):
     import tempfile
 
-    torch.manual_seed(seed)
     p = PRESETS[preset]
     with tempfile.TemporaryDirectory() as tmp:
         tok = build_tokenizer(tokenizer_dir or tmp)

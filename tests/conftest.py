@@ -1,0 +1,39 @@
+"""Shared fixtures: no network, tiny models built locally, tiny-world shards written by the tests."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small tiny-world dataset in the layout configs/data/tiny_world.yaml expects (20 train shards)."""
+    from distill.data.synthetic import write_split
+
+    root = tmp_path_factory.mktemp("data")
+    write_split(root / "tiny_world" / "train", "train", n=160, seed=0, samples_per_shard=8)
+    write_split(root / "tiny_world" / "heldout", "heldout", n=32, seed=0, samples_per_shard=16)
+    os.environ["DISTILL_DATA"] = str(root)
+    return root
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command with the test environment; fail with its output on a non-zero exit."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+PY = sys.executable
