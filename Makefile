@@ -30,10 +30,10 @@ $(DATA)/tiny_world/.done: | $(STAMP)
 data: $(DATA)/tiny_world/.done
 
 test: install
-	$(PY) -m pytest -m "not slow" -q -x --timeout 900
+	$(PY) -m pytest -m "not slow" -q -n 2 --timeout 900
 
 test-all: install
-	$(PY) -m pytest -q --timeout 1800
+	$(PY) -m pytest -q -n 2 --timeout 1800
 
 demo: install data
 	bash bench/demo.sh

@@ -51,13 +51,16 @@ def measure(cfg: DataConfig, batches: int) -> dict:
     t0 = time.perf_counter()
     loader = build_loader(cfg, rank=0, world_size=1, seed=0)
     next(loader)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(loader)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     loader.close()
-    return {"kind": cfg.kind, "num_workers": cfg.num_workers, "batch_size": cfg.batch_size,
-            "first_batch_s": round(t1 - t0, 3), "samples_per_s": round(batches * cfg.batch_size / (t2 - t1), 1)}
+    row = {"kind": cfg.kind, "num_workers": cfg.num_workers, "batch_size": cfg.batch_size,
+           "first_batch_s": round(t1 - t0, 3), "samples_per_s": round(batches * cfg.batch_size / (t2 - t1), 1)}
+    if cfg.num_workers == 0:  # CPU time per sample: comparable across machines and load, unlike wall time
+        row["cpu_ms_per_sample"] = round(1000 * (c2 - c1) / (batches * cfg.batch_size), 2)
+    return row
 
 
 def main() -> None:

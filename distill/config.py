@@ -120,25 +120,45 @@ class VAEConfig:
 
 @dataclass
 class PADStage:
-    name: str = "stage"
+    """One stage of progressive adversarial distillation (SDXL-Lightning, arXiv 2402.13929, Sec. 3.6). The stage
+    list is configuration; `distill.methods.pad.PAD.stages` resolves what each stage starts from."""
+
+    name: str = "stage"  # also its folder: stages/<index>_<name>
     student_steps: int = 8  # steps the student takes after this stage
-    teacher_steps_per_student_step: int = 4  # n: the teacher's moves per student move
-    objective: str = "adversarial"  # mse | adversarial | x0
-    discriminator: str = "conditional"  # conditional | unconditional
-    lora: bool = True  # train a LoRA (merged at the stage's end) or the full UNet
-    max_steps: int = 100
-    guidance_scale: float = 1.0  # teacher CFG scale (only the mse stage uses > 1)
-    renoise_timesteps: list[int] = field(default_factory=list)  # 1-step stage: t* to re-noise outputs to
+    teacher_steps_per_student_step: int = 4  # n: teacher moves per student move; the teacher is the last earlier
+    #   stage with student_steps = n * this stage's (the skip-level teacher for 2 and 1 step), else the base model
+    objective: str = "adversarial"  # mse | adversarial | x0 (1-step conversion: MSE against the frozen eps model)
+    discriminator: str = "conditional"  # conditional (on x_t) | unconditional
+    lora: bool = True  # train a LoRA (merged into the next stage's start) or the full UNet
+    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_steps)
+    guidance_scale: float = 1.0  # teacher CFG scale (the paper's 128 -> 32 MSE stage uses 6, no other stage)
+    renoise_timesteps: list[int] = field(default_factory=list)  # 1-step stage: t* to re-noise both outputs to
+    renoise_weights: list[float] = field(default_factory=list)  # relative odds of each t* (empty: equal)
+    train_timestep_steps: int = 0  # student start timesteps = trailing grid of this many steps (0: student_steps;
+    #   the paper trains 2- and 1-step students on {250, 500, 750, 1000}, i.e. 4)
+    prediction_type: Optional[str] = None  # the student's output: None keeps its init's; "sample" = x0 (1 step)
+    lr: Optional[float] = None  # student lr (None: optim.lr)
+    lr_d: Optional[float] = None  # discriminator lr (None: method.lr_d)
+    betas: Optional[list[float]] = None  # student Adam betas (None: method.betas if adversarial, else optim.betas)
 
 
 @dataclass
 class PADConfig:
     name: str = "pad"
     stages: list[PADStage] = field(default_factory=list)
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))  # settings of every LoRA stage
     lr_d: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])
-    d_head_channels: int = 64
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])  # Adam betas of D and adversarial students
+    d_head_channels: int = 64  # width of the discriminator head's [4x4 conv s2, GroupNorm, SiLU] blocks
+    discriminator_init: str = "base"  # base (the paper: pre-trained SDXL encoder) | teacher (the stage's teacher)
+    # Set per stage by PAD.stages (leave unset): which stage this run is and what it starts from.
+    stage_name: str = ""
+    stage_index: int = 0
+    student_init: Optional[str] = None  # diffusers UNet folder the student starts from (None: model.pretrained)
+    lora_init: Optional[str] = None  # LoRA folder (diffusers format) the LoRA continues from
+    teacher: Optional[str] = None  # diffusers UNet folder of the teacher (None: model.pretrained)
+    student_prediction_type: Optional[str] = None  # None: the base scheduler's prediction type
+    teacher_prediction_type: Optional[str] = None
 
 
 METHODS: dict[str, type] = {"lcd": LCDConfig, "diffusion": DiffusionConfig, "vae": VAEConfig, "pad": PADConfig}
@@ -205,8 +225,49 @@ def _check_combinations(cfg: DictConfig) -> None:
             raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
         if m.loss not in ("huber", "l2"):
             raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
+    if m.name == "pad":
+        _check_pad(m)
     if m.name in ("vae",) and cfg.data.kind == "latents":
         raise ConfigError("data.kind=latents cannot train a VAE: it needs image shards")
+
+
+def _check_pad(m: DictConfig) -> None:
+    import re
+
+    if not m.stages:
+        raise ConfigError("method.stages is empty: PAD needs at least one stage (see configs/method/pad.yaml)")
+    if m.discriminator_init not in ("base", "teacher"):
+        raise ConfigError(f"method.discriminator_init={m.discriminator_init!r}: expected base | teacher")
+    pred = None
+    for i, st in enumerate(m.stages):
+        key = f"method.stages[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", st.name):
+            raise ConfigError(f"{key}.name={st.name!r}: use letters, digits, _ . - (it names the stage folder)")
+        if st.objective not in ("mse", "adversarial", "x0"):
+            raise ConfigError(f"{key}.objective={st.objective!r}: expected mse | adversarial | x0")
+        if st.discriminator not in ("conditional", "unconditional"):
+            raise ConfigError(f"{key}.discriminator={st.discriminator!r}: expected conditional | unconditional")
+        if st.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"{key}.prediction_type={st.prediction_type!r}: expected epsilon | v_prediction | sample")
+        if st.student_steps < 1 or st.teacher_steps_per_student_step < 1 or st.max_steps < 1:
+            raise ConfigError(f"{key}: student_steps, teacher_steps_per_student_step and max_steps must be >= 1")
+        grid = st.train_timestep_steps or st.student_steps
+        if (st.student_steps * st.teacher_steps_per_student_step) % grid:
+            raise ConfigError(f"{key}.train_timestep_steps={grid} must divide the teacher's step count "
+                              f"{st.student_steps * st.teacher_steps_per_student_step} (its starts lie on that grid)")
+        if st.renoise_weights and len(st.renoise_weights) != len(st.renoise_timesteps):
+            raise ConfigError(f"{key}.renoise_weights needs one weight per renoise_timesteps entry")
+        if any(not 0 <= t < 1000 for t in st.renoise_timesteps):
+            raise ConfigError(f"{key}.renoise_timesteps must lie in [0, 1000)")
+        if st.objective == "x0":
+            if st.prediction_type != "sample" or st.student_steps != 1:
+                raise ConfigError(f"{key}: objective=x0 converts a 1-step student to x0 prediction: set "
+                                  "student_steps=1 and prediction_type=sample")
+        elif st.prediction_type is not None and (st.prediction_type != pred if pred is not None
+                                                 else st.prediction_type == "sample"):
+            raise ConfigError(f"{key}.prediction_type={st.prediction_type!r} differs from the model it starts from "
+                              f"({pred or 'the base'}): only an objective=x0 stage changes the parameterisation")
+        pred = st.prediction_type or pred
 
 
 def register_configs() -> None:

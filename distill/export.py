@@ -70,6 +70,11 @@ def export_student(unet: nn.Module, out_dir: Path, *, lora: bool, dtype: torch.d
     if lora:
         info["lora"] = _export_lora(unet, out, dtype, info["arch"])
         files += ["lora/pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]
+    else:  # re-exporting into a folder that held a LoRA export: no stale LoRA beside the new UNet
+        import shutil
+
+        shutil.rmtree(out / "lora", ignore_errors=True)
+        (out / "lora_kohya.safetensors").unlink(missing_ok=True)
     state = _cast(fmt.fused_state_dict(unet), dtype)
     files += _export_fused(unet.config, state, out)
     files += _export_single_file(dict(unet.config), state, out, dtype, info, base_path)
@@ -89,8 +94,8 @@ def _export_lora(unet: nn.Module, out: Path, dtype: torch.dtype, arch: str) -> d
     _pipeline_class(arch).save_lora_weights(str(out / "lora"), unet_lora_layers=peft_sd,
                                             unet_lora_adapter_metadata=metadata, safe_serialization=True)
     kohya = fmt.lora_kohya_state_dict(unet, dtype=dtype)
-    save_file(kohya, str(out / "lora_kohya.safetensors"), metadata={"format": "pt", "ss_network_dim": str(config.r),
-                                                                   "ss_network_alpha": str(config.lora_alpha)})
+    meta = {"format": "pt", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
+    save_file(kohya, str(out / "lora_kohya.safetensors"), metadata=meta)
     return {"rank": int(config.r), "alpha": float(config.lora_alpha), "layers": len(layers),
             "target_modules": metadata.get("target_modules")}
 
@@ -141,7 +146,8 @@ def _scheduler_code(info: dict) -> str:
         return "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)"
     sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
     extra = ', prediction_type="sample"' if sample else ""
-    return f'pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing"{extra})'
+    return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+            f'timestep_spacing="trailing"{extra})')
 
 
 def model_card(info: dict) -> str:
@@ -167,10 +173,12 @@ Few-step {info['arch'].upper()} student distilled with `distill` (method `{info[
 """
     if "lora" in info:
         lo = info["lora"]
-        head += f"| LoRA | rank {lo['rank']}, alpha {lo['alpha']:g} (scale {lo['alpha'] / lo['rank']:g}), {lo['layers']} layers |\n"
+        scale = lo["alpha"] / lo["rank"]
+        head += f"| LoRA | rank {lo['rank']}, alpha {lo['alpha']:g} (scale {scale:g}), {lo['layers']} layers |\n"
     if "single_file_baked_w" in info:
-        head += (f"\nThe UNet takes the guidance scale as an input (LCM w-embedding): `unet/` and `unet.safetensors` keep "
-                 f"it (diffusers pipelines pass `guidance_scale` into it and run no classifier-free guidance). "
+        head += (f"\nThe UNet takes the guidance scale as an input (LCM w-embedding): `unet/` and "
+                 f"`unet.safetensors` keep it (diffusers pipelines pass `guidance_scale` into it and run no "
+                 f"classifier-free guidance). "
                  f"`checkpoint.safetensors` has no such input, so w = {info['single_file_baked_w']:g} "
                  f"(guidance_scale {gs:g}) is baked into its time embedding: sample it with CFG 1 "
                  f"(`guidance_scale=1.0`, ComfyUI cfg 1.0).\n")
@@ -182,7 +190,8 @@ Few-step {info['arch'].upper()} student distilled with `distill` (method `{info[
     call = f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={gs:g}).images[0]'
     parts = [head, "\n## Files\n", *[f"- `{f}`\n" for f in info.get("files", [])], "\n## Use with diffusers\n\n"]
     if "lora" in info:
-        parts.append(f"""LoRA on the teacher (diffusers format; `weight_name="lora_kohya.safetensors"` loads the kohya file):
+        parts.append(f"""LoRA on the teacher (diffusers format; `weight_name="lora_kohya.safetensors"` loads the
+kohya file):
 
 ```python
 {imports}pipe = {pipe_cls}.from_pretrained({teacher_expr}, torch_dtype=torch.float16).to("cuda")
@@ -293,8 +302,8 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, out: str | Pa
     for i, (name, module) in enumerate(method.modules.items()):
         path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing (module {name!r}); only safetensors checkpoints written by "
-                                    "accelerate's save_state can be exported (DeepSpeed: run zero_to_fp32 first)")
+            raise FileNotFoundError(f"{path} is missing (module {name!r}); only safetensors checkpoints written "
+                                    "by accelerate's save_state can be exported (DeepSpeed: run zero_to_fp32 first)")
         missing, unexpected = load_model(module, str(path), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not fit module {name!r}: missing {sorted(missing)[:5]}, "

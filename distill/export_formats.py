@@ -111,7 +111,7 @@ def unet_module_map(config: dict) -> dict[str, str]:
     the last one (index 2 when the layer has an attention, else 1)."""
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
-        raise ValueError("the original layout needs one layers_per_block for all levels")
+        raise TypeError("the original layout needs one int layers_per_block for all levels")
     levels = len(config["block_out_channels"])
     m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}

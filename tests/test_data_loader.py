@@ -221,6 +221,11 @@ def test_all_filtered_raises_naming_filter(tmp_path):
         build_loader(cfg_for(str(tmp_path / "missing-{0..3}.tar")), rank=0, world_size=1, seed=0)
     with pytest.raises(DataError, match="not set"):
         build_loader(cfg_for(None), rank=0, world_size=1, seed=0)
+    # shards promised (samples_per_shard) but unreadable: an error, not an endless loop
+    for resampled in (False, True):
+        broken = cfg_for("pipe:exit 1 {0..1}", samples_per_shard=5, resampled=resampled, num_workers=1)
+        with pytest.raises(DataError, match="no sample"):
+            next(build_loader(broken, rank=0, world_size=1, seed=0))
 
 
 @pytest.mark.timeout(60)
@@ -256,3 +261,18 @@ def test_structured_config_schema():
         OmegaConf.merge(schema, {"batch_size": "many"})
     with pytest.raises(Exception, match="bogus"):
         OmegaConf.merge(schema, {"bogus": 1})
+
+
+@pytest.mark.timeout(60)
+def test_pipe_urls_lists_and_omegaconf_input(tmp_path):
+    sizes = [3, 3, 2]
+    make_shards(tmp_path, sizes)
+    pipe = f"pipe:cat {tmp_path}/{{00000..00001}}.tar"  # counted by streaming it once (no sidecar for pipes)
+    node = OmegaConf.merge(OmegaConf.structured(DataConfig),
+                           {"shards": [pipe, str(tmp_path / "00002.tar")], "batch_size": 2, "resolution": 8,
+                            "num_workers": 1, "pin_memory": False})
+    loader = build_loader(node, rank=0, world_size=1, seed=0)
+    assert loader.batches_per_epoch == 4
+    keys = [k for b in take(loader, 4) for k in b["key"]]
+    assert sorted(keys) == all_keys(sizes)
+    assert {u.split("/")[-1] for b in take(loader, 4) for u in b["url"]} >= {"00000.tar", "00002.tar"}

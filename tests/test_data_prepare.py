@@ -92,3 +92,26 @@ def test_latents_precompute_matches_online_encoding(tmp_path, capsys):
     embeds, pooled = encode_prompts(comps, batch["caption"])
     assert batch["prompt_embeds"].shape == embeds.shape
     torch.testing.assert_close(batch["pooled_prompt_embeds"].float(), pooled, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_latents_data_parallel_two_processes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with ShardWriter(tmp_path / "img", 3) as w:
+        for i in range(7):
+            w.write(f"k{i}", {"png": _image(i), "txt": f"c{i}"})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "distill.prepare", "latents", "--shards",
+                    str(tmp_path / "img"), "--model", "distill:random-sd15", "--output", str(tmp_path / "lat"),
+                    "--resolution", "16", "--batch-size", "2", "--num-workers", "0"],
+                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    per_rank = [json.loads((tmp_path / "lat" / f"summary-rank{r:03d}.json").read_text())["samples"] for r in (0, 1)]
+    assert all(n > 0 for n in per_rank) and sum(per_rank) == 7
+    cfg = DataConfig(kind="latents", shards=str(tmp_path / "lat"), batch_size=7, num_workers=0, pin_memory=False)
+    batch = next(build_loader(cfg, rank=0, world_size=1, seed=0))
+    assert sorted(batch["key"]) == [f"k{i}" for i in range(7)]
+    assert "pooled_prompt_embeds" not in batch  # SD 1.5 has no pooled embedding

@@ -7,8 +7,13 @@ import json
 
 import pytest
 import torch
-from diffusers import (EulerDiscreteScheduler, LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -23,6 +28,16 @@ TOL = 1e-4
 
 
 # -- fixtures --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation, which on a loaded 2-core machine made each
+    small op ~50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _sdxl_base(path):
     """A tiny SDXL whose two text encoders differ in width, as in SDXL (768 / 1280). With equal widths
     diffusers' from_single_file cannot tell the encoders apart (it matches them by position-embedding width)."""
@@ -53,18 +68,21 @@ def sd15_base(tmp_path_factory):
     return str(path)
 
 
-def _perturb(model, only_lora: bool, seed: int, std: float = 0.05):
+def _perturb(model, only_lora: bool, seed: int) -> None:
+    """Random LoRA weights (B is zero at init, which would make every LoRA test trivially pass), or a small
+    random change of every weight (a full student that differs from the teacher)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_" in n or not only_lora:
-                p.add_(torch.randn(p.shape, generator=g) * (std if not only_lora else 1.0) * (p.std() if not only_lora
-                                                                                           and p.numel() > 1 else 0.1))
+            if only_lora and "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif not only_lora:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
 
 
 def _info(arch, base, **kw):
-    return dict(method="lcd-lora", teacher=base, scheduler="LCMScheduler", steps=[1, 2, 4, 8], guidance_scale=1.0,
-                arch=arch) | kw
+    return {"method": "lcd-lora", "teacher": base, "scheduler": "LCMScheduler", "steps": [1, 2, 4, 8],
+            "guidance_scale": 1.0, "arch": arch} | kw
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +104,10 @@ def _xl_inputs(unet, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = unet.config
     text_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    return dict(sample=torch.randn(2, 4, 16, 16, generator=g), timestep=torch.tensor([999, 459]),
-                encoder_hidden_states=torch.randn(2, 77, c.cross_attention_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(2, text_dim, generator=g),
-                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)})
+    return {"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([999, 459]),
+                "encoder_hidden_states": torch.randn(2, 77, c.cross_attention_dim, generator=g),
+                "added_cond_kwargs": {"text_embeds": torch.randn(2, text_dim, generator=g),
+                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2)}}
 
 
 @torch.no_grad()
@@ -100,18 +118,23 @@ def _out(unet, inputs, **kw):
 # -- the original layout against diffusers' own converters -------------------------------------------------------
 def _same(a: dict, b: dict):
     assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
-    for k in a:
-        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+    for k, v in a.items():
+        assert v.shape == b[k].shape and torch.equal(v, b[k]), k
 
 
 @pytest.mark.parametrize("arch", ["sdxl", "sd15"])
 def test_original_layout_inverts_diffusers_converters(arch):
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
 
     pipe = build_pipeline(arch, "test", seed=2)
     sd = pipe.unet.state_dict()
-    _same(convert_ldm_unet_checkpoint(fmt.unet_to_original(sd, dict(pipe.unet.config)), dict(pipe.unet.config)), sd)
+    config = dict(pipe.unet.config)
+    _same(convert_ldm_unet_checkpoint(fmt.unet_to_original(sd, config), config), sd)
     vae = pipe.vae.state_dict()
     _same(convert_ldm_vae_checkpoint(fmt.vae_to_original(vae), dict(pipe.vae.config)), vae)
     prefix = fmt.SDXL_CLIP_PREFIX if arch == "sdxl" else fmt.SD15_CLIP_PREFIX
@@ -132,13 +155,14 @@ def test_original_layout_of_full_size_unets(arch):
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    sdxl = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, transformer_layers_per_block=[1, 2, 10],
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[5, 10, 20],
-                cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+    sdxl = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+            "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True}
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(sdxl if arch == "sdxl" else dict(cross_attention_dim=768))
+        unet = UNet2DConditionModel.from_config(sdxl if arch == "sdxl" else {"cross_attention_dim": 768})
     sd, config = unet.state_dict(), dict(unet.config)
     orig = fmt.unet_to_original(sd, config)
     assert len(orig) == {"sdxl": 1680, "sd15": 686}[arch]
@@ -233,7 +257,8 @@ def test_w_embedding_student_bakes_guidance_into_single_file(xl_base, tmp_path):
     export_student(student, tmp_path, lora=False, dtype=torch.float32, info=info, base_path=xl_base)
     inputs = _xl_inputs(student, seed=5)
     # the w embedding exactly as diffusers' SDXL pipeline computes it for guidance_scale 8.5 (w = 7.5)
-    w_emb = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, torch.tensor([7.5, 7.5]), embedding_dim=256)
+    w = torch.tensor([7.5, 7.5])
+    w_emb = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, w, embedding_dim=256)
     ref = _out(student, inputs, timestep_cond=w_emb)
     assert (_out(student, inputs, timestep_cond=w_emb * 0) - ref).abs().max() > 1e-3
     folder = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
@@ -253,8 +278,8 @@ def test_sd15_folder_and_single_file(sd15_base, tmp_path):
                  steps=[1], prediction_type="sample")
     export_student(unet, tmp_path, lora=False, dtype=torch.float32, info=info, base_path=sd15_base)
     g = torch.Generator().manual_seed(7)
-    inputs = dict(sample=torch.randn(2, 4, 16, 16, generator=g), timestep=torch.tensor([999, 10]),
-                  encoder_hidden_states=torch.randn(2, 77, 16, generator=g))
+    inputs = {"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([999, 10]),
+                  "encoder_hidden_states": torch.randn(2, 77, 16, generator=g)}
     ref = _out(unet, inputs)
     assert (_out(UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")), inputs) - ref).abs().max() < TOL
     single = StableDiffusionPipeline.from_single_file(str(tmp_path / "checkpoint.safetensors"), config=sd15_base,
@@ -269,7 +294,8 @@ def test_sd15_folder_and_single_file(sd15_base, tmp_path):
     assert 'timestep_spacing="trailing", prediction_type="sample"' in card and "StableDiffusionPipeline" in card
     pipe = load_export(tmp_path, sd15_base)
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
-    assert pipe.scheduler.config.timestep_spacing == "trailing" and pipe.scheduler.config.prediction_type == "sample"
+    sched = pipe.scheduler.config
+    assert sched.timestep_spacing == "trailing" and sched.prediction_type == "sample"
     assert (_out(pipe.unet, inputs) - ref).abs().max() < TOL
 
 
@@ -295,7 +321,8 @@ def test_cli_exports_latest_checkpoint(xl_base, tmp_path):
     from distill.models import load_components
 
     cfg = validate({"model": {"pretrained": xl_base}, "output_dir": str(tmp_path),
-                    "method": {"name": "lcd", "lora": {"rank": 4, "alpha": 8.0}, "w_min": 7.5, "w_max": 7.5},
+                    "method": {"name": "lcd", "lora": {"enabled": True, "rank": 4, "alpha": 8.0},
+                               "w_min": 7.5, "w_max": 7.5},
                     "trainer": {"export_dtype": "fp16"}})
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     method = build_method(cfg, load_components(xl_base, parts=("unet",)), torch.device("cpu"))
@@ -318,3 +345,21 @@ def test_cli_exports_latest_checkpoint(xl_base, tmp_path):
     pipe.load_lora_weights(str(out / "lora"))
     assert (_out(pipe.unet, inputs) - ref).abs().max() < TOL
     assert (_out(UNet2DConditionModel.from_pretrained(str(out / "unet")), inputs) - ref).abs().max() < TOL
+
+
+def test_trained_run_exports_end_to_end(tiny_data, tmp_path):
+    """The real loop: a full LCD student (w-embedding, EMA in method_state) trained 2 steps exports at the end;
+    the CLI on the same run writes the same weights (so it rebuilds and loads the student as training had it)."""
+    from helpers import train
+
+    run = train(["+experiment=lcm_tiny", "+debug=fast", f"output_dir={tmp_path}/run",
+                 "trainer.validation_prompts=[]", "data.batch_size=2", "trainer.export_dtype=fp32",
+                 "method.w_embedding_dim=32"])
+    trained_info = json.loads((run / "export" / "export.json").read_text())
+    assert trained_info["method"] == "lcd" and trained_info["single_file_baked_w"] > 0
+    main(["--run", str(run), "--out", str(tmp_path / "cli")])
+    trained, cli = (load_file(str(d / "unet.safetensors")) for d in (run / "export", tmp_path / "cli"))
+    assert "time_embedding.cond_proj.weight" in cli and trained.keys() == cli.keys()
+    assert all(torch.equal(trained[k], cli[k]) for k in trained)
+    base = load_file(str(tmp_path / "cli" / "checkpoint.safetensors"))
+    assert any(k.startswith("conditioner.embedders.1.model.") for k in base)

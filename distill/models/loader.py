@@ -18,6 +18,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CACHE = Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
 
 
+TINY_VERSION = 2  # bump when distill/models/tiny.py changes what it builds (cache key)
 # built-in random tiny pipelines: name -> (arch, preset)
 RANDOM = {"random-sdxl": ("sdxl", "test"), "random-sd15": ("sd15", "test"), "random-world": ("sdxl", "world")}
 
@@ -85,7 +86,7 @@ def _builtin(name: str) -> Path:
     if name in RANDOM:
         from distill.models.tiny import save_tiny_pipeline
 
-        path = CACHE / name
+        path = CACHE / f"{name}-v{TINY_VERSION}"
         if not (path / "model_index.json").exists():
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
             save_tiny_pipeline(tmp, *RANDOM[name])

@@ -36,10 +36,12 @@ SDXL_SCHEDULER = dict(
 
 # Sizes. "test": smallest that exercises every block type (unit tests). "world": the tiny world's teacher.
 PRESETS: dict[str, dict] = {
+    # The two text encoders get different widths as in SDXL (768 / 1280): diffusers' single-file loader tells
+    # them apart by width.
     "test": dict(unet_channels=(32, 64), heads=(2, 4), vae_channels=(16, 32), vae_groups=8, text_hidden=16,
-                 text_layers=2, resolution=32, latent_channels=4, time_embed=8),
+                 text_hidden_2=24, text_layers=2, resolution=32, latent_channels=4, time_embed=8),
     "world": dict(unet_channels=(64, 128), heads=(4, 8), vae_channels=(32, 64, 64), vae_groups=16, text_hidden=32,
-                  text_layers=2, resolution=32, latent_channels=4, time_embed=16),
+                  text_hidden_2=48, text_layers=2, resolution=32, latent_channels=4, time_embed=16),
 }
 
 
@@ -92,10 +94,11 @@ def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
 
 
 def _text_config(p: dict, vocab_size: int, projection: bool) -> CLIPTextConfig:
+    width = p["text_hidden_2"] if projection else p["text_hidden"]
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=p["text_hidden"], intermediate_size=2 * p["text_hidden"],
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
         num_hidden_layers=p["text_layers"], num_attention_heads=2, max_position_embeddings=77,
-        projection_dim=p["text_hidden"] if projection else 512, hidden_act="gelu",
+        projection_dim=width if projection else 512, hidden_act="gelu",
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
     )
 
@@ -112,9 +115,9 @@ def build_unet(arch: str = "sdxl", preset: str = "test") -> UNet2DConditionModel
     if arch == "sdxl":
         # SDXL: the two encoders' penultimate states concatenated; pooled text + 6 time ids as added embedding.
         return UNet2DConditionModel(
-            **common, cross_attention_dim=2 * p["text_hidden"], addition_embed_type="text_time",
+            **common, cross_attention_dim=p["text_hidden"] + p["text_hidden_2"], addition_embed_type="text_time",
             addition_time_embed_dim=p["time_embed"], use_linear_projection=True,
-            projection_class_embeddings_input_dim=p["text_hidden"] + 6 * p["time_embed"],
+            projection_class_embeddings_input_dim=p["text_hidden_2"] + 6 * p["time_embed"],
         )
     if arch == "sd15":
         return UNet2DConditionModel(**common, cross_attention_dim=p["text_hidden"])

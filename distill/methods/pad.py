@@ -1,0 +1,307 @@
+"""Progressive adversarial distillation (SDXL-Lightning, arXiv 2402.13929).
+
+A run is a list of stages (configuration, `method.stages`); `PAD.stages` turns it into one training config per
+stage, run by distill.run one after another, each in `stages/<i>_<name>/` with its own checkpoints and export:
+  - the student starts from the previous stage's fused export (`export/unet`); a LoRA stage that follows a LoRA
+    stage continues that LoRA on the same base instead, so a chain of LoRA stages yields LoRAs for the base;
+  - the teacher of a stage with n_s student steps and n teacher moves per student move is the last earlier stage
+    whose student takes n * n_s steps (so 4 -> 2 with n = 4 learns from the 8-step model: the paper's skip-level
+    teacher, Sec. 3.4), else the base model (e.g. the 128-step base teaches the 32-step MSE stage);
+  - the discriminator is re-initialised from the base model's encoder at every stage (Sec. 3.2).
+
+Within a stage (Sec. 2-3): the student's start t is a trailing grid point (pure noise at t = T, Sec. 3.3); real =
+the teacher's x_{t-ns} after n teacher moves (DDIM `move`) from x_t, fake = the student's one move. Objectives:
+  mse          ||x_hat_{t-ns} - x_{t-ns}||^2, the teacher run with CFG (the 128 -> 32 stage, eq. 16)
+  adversarial  alternating D and G steps, non-saturating losses in logits (eqs. 17-23):
+               L_D = softplus(-l_real) + softplus(l_fake),  L_G = softplus(-l_fake)
+  x0           1-step conversion to x0 prediction: ||f_online(x_t) - x0(x_t, f_frozen(x_t))||^2 (Sec. 3.7.3)
+The 1-step adversarial stages re-noise both outputs (clean x0) to t* in `renoise_timesteps` (Sec. 3.7.2).
+
+Gradient isolation: the D step runs the student under no_grad through its raw module; the G step runs D through
+its raw module with D's parameters frozen during that forward, so no gradient ever reaches D's .grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from distill.diffusion import (NoiseSchedule, UNetCond, add_noise, guided_prediction, inference_timesteps, move,
+                               sample_lightning, to_x0_eps, unet_output)
+from distill.methods.base import Batch, Method
+from distill.methods.discriminator import Discriminator
+from distill.models.adapters import adapters_disabled, add_lora
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Parameters that do not require grad while the graph is built: backward then flows through the module's
+    activations (to the student) but leaves its parameters' .grad untouched."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+def _load_unet(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path).to(device=device, dtype=dtype)
+
+
+def _load_lora(unet: nn.Module, lora_dir: str) -> None:
+    """Continue a LoRA: load a diffusers-format LoRA export (`unet.<path>.lora_A.weight`) into adapter "default"."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
+    state = {k.removeprefix("unet."): v.float() for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(f"LoRA {lora_dir} does not fit this stage's adapter (rank / targets changed?): "
+                         f"{result.unexpected_keys[:3]}")
+
+
+class PAD(Method):
+    def __init__(self, cfg: DictConfig, comps, device: torch.device):
+        super().__init__(cfg, comps, device)
+        m = cfg.method
+        self.stage = st = m.stages[m.stage_index]
+        self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
+        self.student_pred = m.student_prediction_type or self.schedule.prediction_type
+        self.teacher_pred = m.teacher_prediction_type or self.schedule.prediction_type
+        self.adversarial = st.objective == "adversarial"
+        self.optimizer_names = ("d", "g") if self.adversarial else ("g",)
+        self._grids(st, device)
+        base = comps.unet
+        frozen_dt = next(base.parameters()).dtype
+        # x0 conversion: the frozen eps copy is the student's own start (the previous stage's model).
+        self.teacher = base if m.teacher is None else _load_unet(m.teacher, frozen_dt, device)
+        self.teacher.requires_grad_(False).eval()
+        self.discriminator: Discriminator | None = None
+        if self.adversarial:  # before add_lora, which changes the base UNet in place
+            src = base if m.discriminator_init == "base" else self.teacher
+            self.discriminator = Discriminator(src, self._latent_size(cfg), m.d_head_channels,
+                                               st.discriminator == "conditional").to(device)
+        self.shared = st.lora and m.lora_init is None and m.student_init == m.teacher  # teacher = adapters off
+        if st.lora:
+            if self.shared:
+                self.student = self.teacher
+            else:
+                self.student = base if m.student_init is None else _load_unet(m.student_init, frozen_dt, device)
+            self.trainable = add_lora(self.student, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+            if m.lora_init:
+                _load_lora(self.student, m.lora_init)
+        else:
+            self.student = (_load_unet(m.student_init, torch.float32, device) if m.student_init
+                            else copy.deepcopy(base).float())
+            self.student.requires_grad_(True)
+            self.trainable = list(self.student.parameters())
+        self.student.train()
+        if cfg.trainer.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+            if self.discriminator is not None:
+                self.discriminator.backbone.enable_gradient_checkpointing()
+        if comps.unet is not self.student and comps.unet is not self.teacher:
+            comps.unet = self.teacher  # let the base UNet go (the trainer reads only its config from here on)
+        self.modules = {"student": self.student}
+        if self.discriminator is not None:
+            self.modules["discriminator"] = self.discriminator
+        self.student_raw, self.d_raw = self.student, self.discriminator  # unwrapped: no-grad and frozen use
+
+    def _grids(self, st, device: torch.device) -> None:
+        """Teacher grid: trailing timesteps of the teacher's n * n_s steps plus -1 (clean). Student starts: the
+        trailing grid of `train_timestep_steps` (a subset of the teacher grid; validated in the config)."""
+        T = self.schedule.num_train_timesteps
+        self.n = st.teacher_steps_per_student_step
+        teacher = inference_timesteps(self.n * st.student_steps, "trailing", T).tolist() + [-1]
+        starts = inference_timesteps(st.train_timestep_steps or st.student_steps, "trailing", T).tolist()
+        self.grid = torch.tensor(teacher, dtype=torch.long, device=device)
+        self.start_index = torch.tensor([teacher.index(s) for s in starts], dtype=torch.long, device=device)
+        weights = torch.tensor(list(st.renoise_weights) or [1.0] * len(st.renoise_timesteps), dtype=torch.float64)
+        self.renoise_t = torch.tensor(list(st.renoise_timesteps), dtype=torch.long, device=device)
+        self.renoise_cdf = (weights.cumsum(0) / weights.sum()).float().to(device) if len(weights) else None
+
+    def _latent_size(self, cfg: DictConfig) -> int:
+        vae_cfg = Path(self.comps.path) / "vae" / "config.json"
+        levels = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.exists() else 4
+        return cfg.data.resolution // 2 ** (levels - 1)
+
+    def param_groups(self) -> list[list[dict]]:
+        g = [{"params": self.trainable}]
+        if not self.adversarial:
+            return [g]
+        m, st = self.cfg.method, self.stage
+        d = [{"params": list(self.discriminator.parameters()), "lr": st.lr_d if st.lr_d is not None else m.lr_d,
+              "betas": tuple(m.betas)}]
+        return [d, g]
+
+    # -- the trajectory ----------------------------------------------------------------------------------
+    def _teacher_output(self, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
+        """The teacher's prediction (CFG with zero embeddings as uncond when guidance_scale != 1)."""
+        scale = self.stage.guidance_scale
+        ctx = adapters_disabled(self.student_raw) if self.shared else contextlib.nullcontext()
+        dt = next(self.teacher.parameters()).dtype
+        with ctx:
+            out = guided_prediction(self.teacher, x.to(dt), t, cond.to(dtype=dt),
+                                    cond.zeros_like().to(dtype=dt) if scale != 1.0 else None, scale)
+        return out.float()
+
+    @torch.no_grad()
+    def teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
+        """n teacher moves from grid index j (per sample); a sample that reaches the clean end stops there."""
+        last = len(self.grid) - 1
+        x = x_t
+        for k in range(self.n):
+            a, b = (j + k).clamp(max=last), (j + k + 1).clamp(max=last)
+            idx = (a < last).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            ta, tb = self.grid[a[idx]], self.grid[b[idx]]
+            out = self._teacher_output(x[idx], ta, cond.index(idx))
+            x = x.clone()
+            x[idx] = move(x[idx], out, ta, tb, self.schedule, self.teacher_pred).to(x.dtype)
+        return x
+
+    def _student_move(self, unet: nn.Module, x_t: Tensor, t: Tensor, t_next: Tensor, cond: UNetCond) -> Tensor:
+        out = unet_output(unet(x_t, t, **cond.kwargs())).float()
+        return move(x_t, out, t, t_next, self.schedule, self.student_pred)
+
+    def _draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(x_t, t, t_next, j): start index on the teacher grid, the student's target point n moves on."""
+        x0 = batch.latents
+        dev = x0.device
+        j = self.start_index[batch.randint("start", 0, len(self.start_index), dev)]
+        t, t_next = self.grid[j], self.grid[(j + self.n).clamp(max=len(self.grid) - 1)]
+        eps = batch.randn("eps", tuple(x0.shape[1:]), dev)
+        return add_noise(x0, eps, t, self.schedule, pure_noise_at_T=True), t, t_next, j  # Sec. 3.3: x_T = eps
+
+    def _for_d(self, batch: Batch, samples: list[Tensor], t_next: Tensor) -> tuple[list[Tensor], Tensor]:
+        """What D sees, and at which timestep: the samples at t_next (clean: t = 0), or for the 1-step stage both
+        re-noised with the SAME eps* to t* (Sec. 3.7.2)."""
+        if self.renoise_cdf is None:
+            return samples, t_next.clamp(min=0)
+        dev = t_next.device
+        pick = torch.searchsorted(self.renoise_cdf, batch.rand("t_star", dev), right=True).clamp(max=len(self.renoise_t) - 1)
+        s = self.renoise_t[pick]
+        eps = batch.randn("eps_star", tuple(samples[0].shape[1:]), dev)
+        return [add_noise(x, eps, s, self.schedule) for x in samples], s
+
+    # -- losses ------------------------------------------------------------------------------------------
+    def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
+        cond = batch.cond
+        x_t, t, t_next, j = self._draw(batch)
+        if self.stage.objective == "mse":
+            real = self.teacher_path(x_t, j, cond)
+            fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
+            return {"loss": F.mse_loss(fake, real)}
+        if self.stage.objective == "x0":
+            with torch.no_grad():
+                target, _ = to_x0_eps(self._teacher_output(x_t, t, cond), x_t, t, self.schedule, self.teacher_pred)
+            pred = unet_output(self.modules["student"](x_t, t, **cond.kwargs())).float()
+            return {"loss": F.mse_loss(pred, target)}
+        cond_d = (x_t, t) if self.stage.discriminator == "conditional" else (None, None)
+        if phase == "d":
+            with torch.no_grad():
+                real = self.teacher_path(x_t, j, cond)
+                fake = self._student_move(self.student_raw, x_t, t, t_next, cond)
+            (real, fake), s = self._for_d(batch, [real, fake], t_next)
+            logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
+            l_real, l_fake = logits.chunk(2)
+            loss = F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
+            return {"loss": loss, "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
+        fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
+        (fake,), s = self._for_d(batch, [fake], t_next)
+        with frozen(self.d_raw):
+            l_fake = self.d_raw(fake, s, cond, *cond_d)
+        return {"loss": F.softplus(-l_fake).mean()}
+
+    # -- stages ------------------------------------------------------------------------------------------
+    @classmethod
+    def stages(cls, cfg: DictConfig, run_dir: Path) -> list[DictConfig]:
+        """One config per stage, each pointing at what it starts from (see the module docstring)."""
+        specs = list(cfg.method.stages)
+        dirs = [Path(run_dir) / "stages" / f"{i:02d}_{s.name}" for i, s in enumerate(specs)]
+        lora_base: list[str | None] = []
+        preds: list[str | None] = []
+        out = []
+        for i, st in enumerate(specs):
+            c = copy.deepcopy(cfg)
+            m = c.method
+            prev_export = str(dirs[i - 1] / "export" / "unet") if i else None
+            if i and st.lora and specs[i - 1].lora:  # continue the LoRA on the same base
+                init, lora_init = lora_base[i - 1], str(dirs[i - 1] / "export" / "lora")
+            else:
+                init, lora_init = prev_export, None
+            lora_base.append(init)
+            pred_in = preds[i - 1] if i else None
+            preds.append(st.prediction_type or pred_in)
+            if st.objective == "x0":
+                teacher, teacher_pred = prev_export, pred_in
+            else:
+                want = st.student_steps * st.teacher_steps_per_student_step
+                src = next((k for k in range(i - 1, -1, -1) if specs[k].student_steps == want), None)
+                teacher = None if src is None else str(dirs[src] / "export" / "unet")
+                teacher_pred = None if src is None else preds[src]
+            m.stage_name, m.stage_index = st.name, i
+            m.student_init, m.lora_init, m.teacher = init, lora_init, teacher
+            m.student_prediction_type, m.teacher_prediction_type = preds[i], teacher_pred
+            c.trainer.max_steps = min(st.max_steps, cfg.trainer.max_steps)
+            if st.lr is not None:
+                c.optim.lr = st.lr
+            c.optim.betas = list(st.betas or (cfg.method.betas if st.objective == "adversarial" else cfg.optim.betas))
+            c.trainer.validation_steps = [st.student_steps]
+            if len(specs) > 1:
+                c.trainer.export_at_end = True  # the next stage starts from this export; it also marks "done"
+                if i < len(specs) - 1:
+                    c.trainer.export_dtype = "fp32"  # small late-stage updates would round away in fp16
+                if cfg.resume and cfg.resume != "latest":  # a checkpoint path belongs to one stage only
+                    inside = Path(cfg.resume).resolve().is_relative_to(dirs[i].resolve())
+                    c.resume = cfg.resume if inside else "latest"
+            out.append(c)
+        return out
+
+    # -- state, sampling, export ---------------------------------------------------------------------------
+    def meta_state(self) -> dict:
+        return {"stage_index": int(self.cfg.method.stage_index), "stage_name": self.stage.name}
+
+    def load_meta_state(self, meta: dict) -> None:
+        if meta and meta.get("stage_index", self.cfg.method.stage_index) != self.cfg.method.stage_index:
+            raise RuntimeError(f"checkpoint of stage {meta.get('stage_index')} ({meta.get('stage_name')}) loaded "
+                               f"into stage {self.cfg.method.stage_index} ({self.stage.name})")
+
+    @torch.no_grad()
+    def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
+        unet = self.student_raw
+        was_training = unet.training
+        unet.eval()
+        dt = next(unet.parameters()).dtype
+        try:
+            return sample_lightning(unet, noise.to(dt), cond.to(dtype=dt), self.schedule, num_steps,
+                                    self.student_pred).float()
+        finally:
+            unet.train(was_training)
+
+    def export(self, out_dir: Path, dtype: torch.dtype) -> None:
+        from distill.export import export_student
+
+        m, st = self.cfg.method, self.stage
+        sample = self.student_pred == "sample"
+        info = {"method": "pad" + ("-lora" if st.lora else ""), "teacher": self.cfg.model.pretrained,
+                "stage": st.name, "stage_teacher": m.teacher or self.cfg.model.pretrained,
+                "lora_base": m.student_init or self.cfg.model.pretrained,
+                "scheduler": "EulerDiscreteScheduler-trailing" + ("-sample" if sample else ""),
+                "steps": [st.student_steps], "guidance_scale": 1.0,  # no CFG at inference (paper Table 1)
+                "arch": self.comps.arch, "prediction_type": self.student_pred}
+        export_student(self.student_raw, Path(out_dir), lora=st.lora, dtype=dtype, info=info,
+                       base_path=self.comps.path)
