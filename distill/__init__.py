@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 
 def run(cfg):
     """Train from a composed Hydra config (see train.py); returns the run folder."""
-    from distill.run import run as _run
+    from distill.runner import run as _run
 
     return _run(cfg)

@@ -12,23 +12,15 @@ from distill.config import ConfigError, PADStage, validate
 from distill.diffusion import UNetCond
 from distill.methods.discriminator import Discriminator
 from distill.methods.pad import PAD
-from distill.run import run as run_training  # `distill.run` (the function) is shadowed by the submodule once imported
+from distill.runner import run as run_training
 
 FAST = ["+experiment=lightning_tiny", "+debug=fast", "trainer.validation_prompts=[]", "data.batch_size=2"]
 TWO = [  # 4-step MSE from the base (8 steps), then a 2-step conditional LoRA stage taught by the 4-step student
-    dict(name="s4_mse", student_steps=4, teacher_steps_per_student_step=2, objective="mse", lora=False, max_steps=1),
-    dict(name="s2_cond_lora", student_steps=2, teacher_steps_per_student_step=2, discriminator="conditional",
-         lora=True, max_steps=2, lr=1e-3),
+    {"name": "s4_mse", "student_steps": 4, "teacher_steps_per_student_step": 2, "objective": "mse", "lora": False,
+     "max_steps": 1},
+    {"name": "s2_cond_lora", "student_steps": 2, "teacher_steps_per_student_step": 2, "discriminator": "conditional",
+     "lora": True, "max_steps": 2, "lr": 1e-3},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~50x faster than two under contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(out: Path, stages: list[dict], *extra: str):
@@ -44,9 +36,11 @@ def _base_unet():
 
 
 def _cond(b: int, unet) -> UNetCond:
+    c = unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
     g = torch.Generator().manual_seed(0)
-    return UNetCond(encoder_hidden_states=torch.randn(b, 77, unet.config.cross_attention_dim, generator=g),
-                    text_embeds=torch.randn(b, 16, generator=g), time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * b))
+    return UNetCond(encoder_hidden_states=torch.randn(b, 77, c.cross_attention_dim, generator=g),
+                    text_embeds=torch.randn(b, pooled, generator=g), time_ids=torch.tensor([[32.0, 32, 0, 0, 32, 32]] * b))
 
 
 def _sample_export(export: Path, steps: int) -> torch.Tensor:
@@ -99,7 +93,7 @@ def test_stages_chain_students_teachers_and_loras(tmp_path):
     cfg = validate(compose_cfg(["method=pad", f"output_dir={tmp_path}", "trainer.max_steps=700"]))
     stages = PAD.stages(cfg, tmp_path)
     by = {c.method.stage_name: c.method for c in stages}
-    exp = lambda name: str(tmp_path / "stages" / f"{next(i for i, c in enumerate(stages) if c.method.stage_name == name):02d}_{name}" / "export")  # noqa: E731
+    exp = lambda name: str(tmp_path / "stages" / f"{next(i for i, c in enumerate(stages) if c.method.stage_name == name):02d}_{name}" / "export")
     assert by["s32_mse"].teacher is None and by["s32_mse"].student_init is None  # the base teaches at 128 steps
     assert by["s8_cond_lora"].teacher == exp("s32_mse") + "/unet"
     assert by["s8_uncond_lora"].student_init == exp("s32_mse") + "/unet"  # LoRA continued on the same base
@@ -117,15 +111,15 @@ def test_stages_chain_students_teachers_and_loras(tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(objective="x0", student_steps=1), "prediction_type=sample"),
-    (dict(student_steps=2, train_timestep_steps=3), "must divide"),
-    (dict(prediction_type="sample"), "only an objective=x0"),
-    (dict(objective="gan"), "objective"),
-    (dict(name="a b"), "name"),
+    ({"objective": "x0", "student_steps": 1}, "prediction_type=sample"),
+    ({"student_steps": 2, "train_timestep_steps": 3}, "must divide"),
+    ({"prediction_type": "sample"}, "only an objective=x0"),
+    ({"objective": "gan"}, "objective"),
+    ({"name": "a b"}, "name"),
 ])
 def test_invalid_stages_fail_at_start_naming_the_key(bad, match):
     cfg = compose_cfg(["method=pad"])
-    cfg.method.stages = [PADStage(**{**dict(name="s", student_steps=4), **bad})]
+    cfg.method.stages = [PADStage(**{"name": "s", "student_steps": 4, **bad})]
     with pytest.raises(ConfigError, match=match):
         validate(cfg)
 
@@ -136,7 +130,7 @@ def test_teacher_moves_from_pure_noise_follow_the_trailing_euler_sampler(tmp_pat
     from distill.diffusion import sample_lightning
     from distill.models import load_components
 
-    stage = dict(name="s1", student_steps=1, teacher_steps_per_student_step=4, objective="mse", lora=False)
+    stage = {"name": "s1", "student_steps": 1, "teacher_steps_per_student_step": 4, "objective": "mse", "lora": False}
     cfg = validate(compose_cfg(["method=pad", "model.pretrained=distill:random-sdxl", f"output_dir={tmp_path}"]))
     cfg.method.stages = [PADStage(**stage)]
     comps = load_components("distill:random-sdxl", parts=("unet",))
@@ -164,10 +158,10 @@ def test_teacher_moves_from_pure_noise_follow_the_trailing_euler_sampler(tmp_pat
 # -- one D step and one G step on real tensors ---------------------------------------------------------------
 @pytest.mark.parametrize("lora", [False, True])
 def test_d_step_leaves_student_and_g_step_leaves_discriminator(tiny_data, tmp_path, lora):
-    from distill.run import make_accelerator
+    from distill.runner import make_accelerator
     from distill.trainer import Trainer
 
-    stage = dict(name="s4", student_steps=4, teacher_steps_per_student_step=2, lora=lora, max_steps=2, lr=1e-3)
+    stage = {"name": "s4", "student_steps": 4, "teacher_steps_per_student_step": 2, "lora": lora, "max_steps": 2, "lr": 1e-3}
     cfg = validate(_cfg(tmp_path, [stage], "method.lr_d=1e-3"))
     (stage_cfg,) = PAD.stages(cfg, tmp_path)
     acc = make_accelerator(stage_cfg)
@@ -178,7 +172,7 @@ def test_d_step_leaves_student_and_g_step_leaves_discriminator(tiny_data, tmp_pa
     for k, v in d.backbone.state_dict().items():  # re-initialised from the base at this stage
         assert torch.equal(v, base[k]), k
     batch = trainer.to_batch(next(iter(trainer.loader)))
-    snap = lambda m: {k: v.detach().clone() for k, v in m.named_parameters()}  # noqa: E731
+    snap = lambda m: {k: v.detach().clone() for k, v in m.named_parameters()}
 
     s0, d0 = snap(student), snap(d)
     method.phases = lambda step: ("d",)

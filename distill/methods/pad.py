@@ -33,8 +33,17 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from distill.diffusion import (NoiseSchedule, UNetCond, add_noise, guided_prediction, inference_timesteps, move,
-                               sample_lightning, to_x0_eps, unet_output)
+from distill.diffusion import (
+    NoiseSchedule,
+    UNetCond,
+    add_noise,
+    guided_prediction,
+    inference_timesteps,
+    move,
+    sample_lightning,
+    to_x0_eps,
+    unet_output,
+)
 from distill.methods.base import Batch, Method
 from distill.methods.discriminator import Discriminator
 from distill.models.adapters import adapters_disabled, add_lora
