@@ -23,6 +23,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _fault_injection_pause() -> None:
+    """Testing hook: DISTILL_FAULT_SLEEP_IN_CHECKPOINT=SECONDS holds a checkpoint half-written, so the fault tests
+    can kill -9 the run at exactly that point. Unset in normal runs."""
+    seconds = os.environ.get("DISTILL_FAULT_SLEEP_IN_CHECKPOINT")
+    if seconds:
+        import time
+
+        time.sleep(float(seconds))
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep: int, accelerator: Accelerator):
         self.root, self.keep, self.acc = Path(root), keep, accelerator
@@ -73,7 +83,9 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))  # all ranks: DeepSpeed shards are written by each
+        self._save_deepspeed_weights(tmp)  # scale-out (issue 9)
         self.acc.wait_for_everyone()
+        _fault_injection_pause()
         if self.acc.is_main_process:
             if tensors:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))
@@ -85,6 +97,22 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
         return final
+
+    def _save_deepspeed_weights(self, folder: Path) -> None:
+        """scale-out (issue 9): under DeepSpeed, save_state writes engine shards (pytorch_model/) instead of
+        model.safetensors; add the consolidated weights under the names a plain save_state uses, so that
+        `python -m distill.export` reads any checkpoint alike (no zero_to_fp32 step). Every rank calls
+        get_state_dict: ZeRO-3 gathers the shards (needs stage3_gather_16bit_weights_on_model_save)."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type != DistributedType.DEEPSPEED:
+            return
+        for i, model in enumerate(self.acc._models):
+            state = self.acc.get_state_dict(model)
+            if self.acc.is_main_process:
+                name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / name),
+                          metadata={"format": "pt"})
 
     def load(self, path: Path) -> tuple[dict, dict[str, Tensor]]:
         self.acc.load_state(str(path))

@@ -37,12 +37,34 @@ def shared_run_dir(cfg: DictConfig, acc: Accelerator) -> Path:
     return Path(chosen[0]).resolve()
 
 
+class RunDirError(RuntimeError):
+    """The run folder cannot be written: reported before any model is loaded."""
+
+
+def check_run_dir(run_dir: Path, min_free_mb: float = 64.0) -> None:
+    """Fail before compute is spent when the run folder is not writable or its disk is nearly full (the
+    checkpoint manager checks the real checkpoint size again once the models are built)."""
+    import shutil
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"output_dir={str(run_dir)!r} is not writable: {e.strerror or e}") from None
+    free_mb = shutil.disk_usage(run_dir).free / 2**20
+    if free_mb < min_free_mb:
+        raise RunDirError(f"output_dir={str(run_dir)!r} has only {free_mb:.1f} MiB free")
+
+
 def run(cfg: DictConfig) -> Path:
     """Train according to a composed Hydra config; returns the run folder."""
     cfg = validate(cfg)
     acc = make_accelerator(cfg)
     run_dir = shared_run_dir(cfg, acc)
     cfg.output_dir = str(run_dir)
+    check_run_dir(run_dir)
     if cfg.logger.name != "none":
         acc.project_configuration.logging_dir = str(run_dir / "logs")
     from accelerate.utils import set_seed

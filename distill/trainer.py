@@ -4,6 +4,8 @@ accumulation, clipping, checkpoints, logging, validation and export live here an
 from __future__ import annotations
 
 import math
+import signal  # scale-out (issue 9): preemption signals
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +27,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+# scale-out (issue 9): checkpoint on preemption. SLURM's warning signal (USR1 forwarded to every rank by
+# launch/slurm/train.sbatch; USR2 from submitit) only sets a flag; all ranks agree at the next step boundary, save a
+# checkpoint and stop, so a requeued job continues with resume=latest.
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exit status 0 (the job script requeues)."""
 
 
 def frozen_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
@@ -63,6 +75,7 @@ class Trainer:
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
         self.tracker = Tracker(cfg, run_dir, accelerator)  # the tracker is per stage
         self.build()
+        self.install_preempt_handlers()  # scale-out (issue 9)
 
     # -- construction ------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -86,11 +99,22 @@ class Trainer:
                           weight_decay=cfg.optim.weight_decay)
             self.optimizers.append(opt)
         names = list(self.method.modules)
+        ds = acc.state.deepspeed_plugin  # scale-out (issue 9): the loader is not prepared, so DeepSpeed's "auto"
+        if ds is not None:  # micro-batch and clipping cannot be inferred from it: fill them from this config
+            for key, value in (("train_micro_batch_size_per_gpu", cfg.data.batch_size),
+                               ("gradient_clipping", cfg.optim.max_grad_norm)):
+                if ds.is_auto(key):
+                    ds.deepspeed_config[key] = value
         prepared = acc.prepare(*[self.method.modules[n] for n in names], *self.optimizers)
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
         self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
         self.optimizers = list(prepared[len(names):])
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
+        # A checkpoint holds the trainable weights, two Adam moments and the method's extra state (EMA): check
+        # there is room for one before the first step, not when the first save fails hours later.
+        trainable = sum(p.numel() * p.element_size() for o in self.optimizers for g in o.param_groups for p in g["params"])
+        extra = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
+        self.ckpt_manager.check_writable(min_free_bytes=int(3 * trainable + extra) + (16 << 20))
         self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
                                    seed=cfg.trainer.seed)
 
@@ -141,6 +165,8 @@ class Trainer:
                 self.tracker.log(metrics, self.step)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in metrics.items() if k.startswith("train/loss")})
                 window, samples_seen, t_window = {}, 0, time.time()
+            if self.step < max_steps and self.preempt_requested():  # scale-out (issue 9)
+                self.stop_preempted()
             if self.step % cfg.trainer.checkpoint_every_steps == 0 and self.step < max_steps:
                 self.save()
             if cfg.trainer.validate_every_steps and self.step % cfg.trainer.validate_every_steps == 0:
@@ -210,6 +236,13 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
+        """Checkpoint, unless the weights are no longer finite (then the last good checkpoint stays the latest)."""
+        params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        finite = bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(params)]).all()) if params else True
+        if self.nonfinite_in_a_row or not finite:
+            self.counters["skipped_checkpoints"] = self.counters.get("skipped_checkpoints", 0) + 1
+            self.tracker.print(f"step {self.step}: not checkpointing non-finite weights")
+            return
         state = {"step": self.step, "data": self.loader.state_dict(), "method": self.method.meta_state(),
                  "counters": self.counters}
         self.ckpt_manager.save(self.step, state, self.method.state_dict())
@@ -277,5 +310,40 @@ class Trainer:
             self.tracker.print(f"exported to {out}")
         self.acc.wait_for_everyone()
 
+    # -- preemption (scale-out, issue 9) -------------------------------------------------------------------
+    def install_preempt_handlers(self) -> None:
+        self.preempt_signal: int | None = None
+        self.previous_handlers: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for s in PREEMPT_SIGNALS:
+                self.previous_handlers[s] = signal.signal(s, self._on_preempt_signal)
+
+    def _on_preempt_signal(self, signum: int, frame) -> None:
+        self.preempt_signal = signum
+
+    def restore_signal_handlers(self) -> dict[int, object]:
+        previous, self.previous_handlers = self.previous_handlers, {}
+        for s, h in previous.items():
+            signal.signal(s, h)
+        return previous
+
+    def preempt_requested(self) -> bool:
+        """Whether any rank got a preemption signal: one all-reduce per step keeps the ranks stopping together."""
+        if self.acc.num_processes == 1:
+            return self.preempt_signal is not None
+        flag = torch.tensor([0.0 if self.preempt_signal is None else 1.0], device=self.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+
+    def stop_preempted(self) -> None:
+        """Save, then hand the signal to whoever handled it before (submitit requeues the job), then stop."""
+        self.save()
+        sig = self.preempt_signal or signal.SIGUSR1
+        self.tracker.print(f"preempted ({signal.Signals(sig).name}): saved checkpoint step_{self.step}, stopping")
+        previous = self.restore_signal_handlers().get(sig)
+        if callable(previous):
+            previous(sig, None)
+        raise Preempted(0)
+
     def close(self) -> None:
+        self.restore_signal_handlers()
         self.tracker.close()
