@@ -120,7 +120,8 @@ class Evaluator:
 
 
 def train_classifier(
-    steps: int = 1500, batch_size: int = 64, lr: float = 3e-3, seed: int = 1234, log_every: int = 100
+    steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 1234, log_every: int = 100,
+    noise: float = 0.15,
 ) -> tuple[Classifier, dict]:
     """Train on fresh images from the "evaluator" split (never the train or heldout splits) for `steps` steps.
 
@@ -137,7 +138,7 @@ def train_classifier(
     for step in range(steps):
         imgs, attrs = generate_batch(range(step * batch_size, (step + 1) * batch_size), seed, "evaluator")
         x = to_tensor(imgs)
-        sigma = torch.rand(batch_size, 1, 1, 1, generator=gen) * 0.15 * (torch.rand(batch_size, 1, 1, 1, generator=gen) < 0.5)
+        sigma = torch.rand(batch_size, 1, 1, 1, generator=gen) * noise * (torch.rand(batch_size, 1, 1, 1, generator=gen) < 0.5)
         x = x + sigma * torch.randn(x.shape, generator=gen)
         y = labels([caption(a) for a in attrs])
         _, logits = model(x)
@@ -150,7 +151,7 @@ def train_classifier(
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f}s", flush=True)
     model.eval()
     meta = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "train_seconds": time.perf_counter() - start,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "noise": noise, "seed": seed, "train_seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(), "feature_dim": FEATURE_DIM, "attributes": ATTRIBUTES,
     }
     return model, meta
@@ -164,6 +165,7 @@ def save_evaluator(model: Classifier, meta: dict, path: str | Path = ASSET) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"meta": json.dumps(meta)})
+    path.chmod(0o644)  # save_file creates 0600; others read the shipped asset
     path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -311,9 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Tiny-world evaluator: train the classifier or report its numbers.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train-classifier", help="train the attribute classifier and save its weights")
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--noise", type=float, default=0.15, help="max Gaussian noise sigma on half of each batch")
     t.add_argument("--threads", type=int, default=1, help="CPU threads (1 leaves the other cores to training)")
     t.add_argument("--out", default=str(ASSET))
     r = sub.add_parser("report", help="held-out accuracy and the real-vs-real FD floor")
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.cmd == "train-classifier":
         torch.set_num_threads(args.threads)
-        model, meta = train_classifier(args.steps, args.batch_size, seed=args.seed)
+        model, meta = train_classifier(args.steps, args.batch_size, seed=args.seed, noise=args.noise)
         imgs, prompts = real_images(2000, "heldout", 0)
         meta["heldout_accuracy"] = Evaluator(model, meta).attribute_accuracy(imgs, prompts)
         save_evaluator(model, meta, args.out)

@@ -1,0 +1,185 @@
+"""Quality on the tiny world: the teacher at 50..1 DDIM steps and every distilled student at its step counts.
+
+    python bench/quality.py [--quick] [--runs RUN_OR_EXPORT_DIR ...] --out FILE.json [--grid FILE.png]
+
+Metrics per row (same prompts and per-sample seeded noise in every row):
+  fd        Frechet distance of the evaluator's features, generated vs held-out real images (lower is better)
+  attr_acc  fraction of images whose colour, shape and background all match the prompt (prompt adherence)
+  mse_t50   mean per-sample pixel MSE to the teacher's 50-step DDIM image from the same noise and prompt
+The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form). Students sample the way their
+export's model card says (LCMScheduler or Euler trailing), using the exported (fused) UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from distill.data.synthetic import ATTRIBUTES, caption  # noqa: E402
+from distill.diffusion import NoiseSchedule, UNetCond, sample_lcm, sample_lightning, sample_teacher, seeded_noise  # noqa: E402
+from distill.evaluate import load_evaluator, mse_to_reference, real_reference, save_grid  # noqa: E402
+from distill.models import decode_latents, encode_prompts, load_components  # noqa: E402
+from distill.models.adapters import guidance_embedding  # noqa: E402
+
+TEACHER_STEPS = [50, 25, 8, 4, 2, 1]
+QUICK_TEACHER_STEPS = [50, 8, 4, 2, 1]
+GUIDANCE = 5.0
+
+
+def all_prompts() -> list[str]:
+    return [caption(dict(color=c, shape=s, background=b)) for c in ATTRIBUTES["color"]
+            for s in ATTRIBUTES["shape"] for b in ATTRIBUTES["background"]]
+
+
+def find_exports(path: Path) -> list[Path]:
+    """A run folder (export/ and, for staged methods, stages/*/export/) or an export folder itself."""
+    if (path / "export.json").exists():
+        return [path]
+    found = sorted(p.parent for p in path.glob("stages/*/export/export.json"))
+    if (path / "export" / "export.json").exists() and not found:
+        found.append(path / "export")
+    if not found:
+        raise SystemExit(f"--runs {path}: no export.json in it, in export/ or in stages/*/export/ "
+                         "(export a run with python -m distill.export --run RUN_DIR)")
+    return found
+
+
+class Bench:
+    def __init__(self, teacher: str, n: int, n_ref: int, batch: int = 250):
+        self.comps = load_components(teacher)
+        self.schedule = NoiseSchedule.from_config(self.comps.scheduler_config)
+        self.evaluator = load_evaluator()
+        self.reference = real_reference(n_ref)
+        prompts = all_prompts()
+        self.prompts = [prompts[i % len(prompts)] for i in range(n)]
+        emb, pooled = encode_prompts(self.comps, prompts)
+        idx = torch.tensor([i % len(prompts) for i in range(n)])
+        res = 32
+        sdxl = self.comps.arch == "sdxl"
+        self.cond = UNetCond(encoder_hidden_states=emb[idx], text_embeds=pooled[idx] if sdxl else None,
+                             time_ids=torch.tensor([[res, res, 0, 0, res, res]] * n, dtype=torch.float32) if sdxl else None)
+        self.seeds = list(range(n))
+        unet = self.comps.unet
+        scale = 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
+        self.noise = seeded_noise(self.seeds, (n, unet.config.in_channels, res // scale, res // scale), "cpu", torch.float32)
+        self.batch = batch
+
+    def generate(self, fn) -> tuple[torch.Tensor, float]:
+        """Run a latent sampler chunk by chunk (per-sample seeds keep it batch-size independent); decode."""
+        t0 = time.time()
+        out = []
+        for i in range(0, len(self.seeds), self.batch):
+            sl = slice(i, i + self.batch)
+            lat = fn(self.noise[sl], self.cond.index(sl), self.seeds[sl])
+            out.append(decode_latents(self.comps, lat))
+        return torch.cat(out), time.time() - t0
+
+    def metrics(self, images: torch.Tensor, reference_images: torch.Tensor | None) -> dict:
+        from distill.evaluate import frechet_distance
+
+        acc = self.evaluator.attribute_accuracy(images, self.prompts)
+        row = {"fd": round(frechet_distance(self.evaluator.features(images), self.reference), 3),
+               "attr_acc": round(acc["all"], 4), **{f"acc_{k}": round(v, 4) for k, v in acc.items() if k != "all"}}
+        if reference_images is not None:
+            row["mse_t50"] = round(mse_to_reference(images, reference_images), 5)
+        return row
+
+    def teacher_rows(self, steps_list: list[int]):
+        unet = self.comps.unet
+        for steps in steps_list:
+            imgs, secs = self.generate(lambda z, c, s: sample_teacher(
+                unet, z, c, c.zeros_like(), self.schedule, steps, solver="ddim", guidance_scale=GUIDANCE,
+                spacing="trailing"))
+            yield {"model": "teacher", "method": "ddim-trailing-cfg5", "steps": steps, "seconds": round(secs, 1)}, imgs
+
+    def student_rows(self, export_dir: Path):
+        from distill.export import load_export
+
+        info = json.loads((export_dir / "export.json").read_text())
+        pipe = load_export(export_dir, self.comps.path)
+        unet = pipe.unet.float().eval()
+        name = str(export_dir)
+        for steps in info.get("steps", [1, 2, 4, 8]):
+            if "LCM" in info.get("scheduler", ""):
+                w = float(info.get("guidance_scale", 1.0)) - 1.0
+
+                def fn(z, c, s, steps=steps, w=w):
+                    if unet.config.time_cond_proj_dim is not None:
+                        c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
+                                     guidance_embedding(torch.full((len(s),), w), unet.config.time_cond_proj_dim))
+                    return sample_lcm(unet, z, c, self.schedule, steps, s)
+            else:
+                pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
+
+                def fn(z, c, s, steps=steps, pred=pred):
+                    return sample_lightning(unet, z, c, self.schedule, steps, prediction_type=pred)
+            imgs, secs = self.generate(fn)
+            yield {"model": name, "method": info.get("method", "?"), "steps": steps, "seconds": round(secs, 1)}, imgs
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| model | method | steps | FD (lower better) | attr_acc | colour | shape | background | MSE to teacher-50 |\n"
+    head += "|---|---|---|---|---|---|---|---|---|\n"
+    for r in rows:
+        head += (f"| {r['model']} | {r['method']} | {r['steps']} | {r['fd']:.2f} | {r['attr_acc']:.3f} | "
+                 f"{r.get('acc_color', 0):.3f} | {r.get('acc_shape', 0):.3f} | {r.get('acc_background', 0):.3f} | "
+                 f"{r.get('mse_t50', float('nan')):.4f} |\n")
+    return head
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer samples and teacher step counts (< 5 min on 2 CPU cores)")
+    p.add_argument("--runs", nargs="*", default=[], help="run folders or export folders of students")
+    p.add_argument("--out", required=True, help="JSON output; a markdown table is written beside it (.md)")
+    p.add_argument("--grid", default=None, help="comparison grid PNG (default: beside --out)")
+    p.add_argument("--teacher", default="distill:tiny-world")
+    p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
+    args = p.parse_args(argv)
+    n = args.n or (240 if args.quick else 1000)
+    torch.manual_seed(0)
+    bench = Bench(args.teacher, n=n, n_ref=1000 if args.quick else 2000)
+    rows, columns, labels = [], [], []
+    t50 = None
+    show = list(range(0, 24, 3))  # 8 distinct prompts for the grid
+
+    def add(row, imgs):
+        nonlocal t50
+        if row["model"] == "teacher" and row["steps"] == 50:
+            t50 = imgs
+        row.update(bench.metrics(imgs, t50))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if row["steps"] <= 4 or row["model"] == "teacher" and row["steps"] == 50:
+            columns.append(imgs[show])
+            tag = "teacher" if row["model"] == "teacher" else Path(row["model"]).parent.name
+            labels.append(f"{tag[:14]} {row['steps']}")
+
+    for row, imgs in bench.teacher_rows(QUICK_TEACHER_STEPS if args.quick else TEACHER_STEPS):
+        add(row, imgs)
+    for run in args.runs:
+        for export_dir in find_exports(Path(run)):
+            for row, imgs in bench.student_rows(export_dir):
+                add(row, imgs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"n": n, "teacher": args.teacher, "guidance": GUIDANCE, "spacing": "trailing", "rows": rows}
+    out.write_text(json.dumps(result, indent=1))
+    table = markdown(rows)
+    out.with_suffix(".md").write_text(table)
+    grid = Path(args.grid) if args.grid else out.with_suffix(".png")
+    save_grid(columns, grid, row_labels=[bench.prompts[i] for i in show], col_labels=labels, scale=3)
+    print(table)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {grid}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
