@@ -54,8 +54,8 @@ from distill.trainer import Trainer, frozen_dtype, lr_lambda
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 Fn = Callable[[], object]
 
-# name -> (experiment at --size tiny, at --size sdxl, stage index). Stage 1 of both PAD stage lists is the first
-# adversarial stage (8 steps, conditional D, LoRA, n = 4 teacher moves per student move).
+# name -> (experiment at --size tiny, at --size sdxl, stage index). Stage 1 of both PAD stage lists is the
+# first adversarial stage (8 steps, conditional D, LoRA, n = 4 teacher moves per student move).
 METHODS: dict[str, tuple[str, str, int]] = {
     "lcd_full": ("lcm_tiny", "lcm_sdxl", 0),
     "lcd_lora": ("lcm_lora_tiny", "lcm_lora_sdxl", 0),
@@ -104,7 +104,7 @@ def reset_peak_memory(device: torch.device) -> float:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
-    with contextlib.suppress(OSError):  # Linux >= 4.0: "5" resets the high-water mark VmHWM to the current RSS
+    with contextlib.suppress(OSError):  # Linux >= 4.0: "5" resets the high-water mark VmHWM to the RSS
         Path("/proc/self/clear_refs").write_text("5")
     return (_rss_kib("VmRSS") or 0) / 1024
 
@@ -193,8 +193,9 @@ class BenchTrainer(Trainer):
         self.comps = self._bench_comps
         self.method = build_method(cfg, self.comps, self.device)
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-        self.optimizers = [opt_cls(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                   weight_decay=cfg.optim.weight_decay) for groups in self.method.param_groups()]
+        o = cfg.optim
+        self.optimizers = [opt_cls(g, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+                           for g in self.method.param_groups()]
         names = list(self.method.modules)
         prepared = acc.prepare(*[self.method.modules[n] for n in names], *self.optimizers)
         prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
@@ -204,7 +205,7 @@ class BenchTrainer(Trainer):
 
 
 def synthetic_batch(unet_config, batch: int, latent: int, resolution: int, device: torch.device) -> Batch:
-    """Random latents and SDXL conditioning of the right shapes (77 tokens, pooled text, micro-conditioning)."""
+    """Random latents and SDXL conditioning of the right shapes (77 tokens, pooled text, time ids)."""
     g, c, r = torch.Generator().manual_seed(0), unet_config, resolution
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
     cond = UNetCond(torch.randn(batch, 77, c.cross_attention_dim, generator=g),
@@ -221,7 +222,9 @@ def update_parts(tr: Trainer, index: int, fwd_bwd: Fn, tag: str = "") -> dict[st
     params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
     max_norm = tr.cfg.optim.max_grad_norm if tr.cfg.optim.max_grad_norm > 0 else float("inf")
     fwd_bwd()
-    return {f"clip{tag}": lambda: float(tr.acc.clip_grad_norm_(params, max_norm)), f"optimizer_step{tag}": opt.step}
+    # float(): the trainer reads the norm back (a device sync on CUDA)
+    return {f"clip{tag}": lambda: float(tr.acc.clip_grad_norm_(params, max_norm)),
+            f"optimizer_step{tag}": opt.step}
 
 
 def lcd_parts(tr: Trainer, batch: Batch) -> dict[str, Fn]:
@@ -317,7 +320,7 @@ def bench_method(name: str, size: str, batch: int, steps: int, warmup: int, over
                  if size == "tiny" else sdxl_components(device, dtype, tmp))
         tr = BenchTrainer(cfg, acc, Path(tmp) / "run", comps)
         try:
-            lat = comps.unet.config.sample_size  # the latent side at the trained resolution (8 tiny, 128 SDXL)
+            lat = comps.unet.config.sample_size  # latent side at the trained resolution (8 tiny, 128 SDXL)
             data = synthetic_batch(comps.unet.config, batch, lat, cfg.data.resolution, device)
             tr.train_step([data])  # the first step allocates optimizer state: the peak is a whole step's
             peak, mem_kind = peak_memory(device)
@@ -367,8 +370,8 @@ def markdown(result: dict) -> str:
             "warm-up; one fixed synthetic batch (data loading not measured).\n")
     if "skipped" in result:
         return head + f"\nSkipped: {result['skipped']}\n"
-    lines = [head, "| method | batch | latents | trainable params | samples/s | step ms | sum of parts ms "
-             "| overhead | peak MiB | GFLOP/step | TFLOP/s | MFU |",
+    lines = [head, ("| method | batch | latents | trainable params | samples/s | step ms | sum of parts ms "
+                    "| overhead | peak MiB | GFLOP/step | TFLOP/s | MFU |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
@@ -377,8 +380,8 @@ def markdown(result: dict) -> str:
                      f"{r['sum_parts_ms']:.1f} | {r['overhead_pct']:+.1f}% | {r['peak_mem_mib']:.0f} | "
                      f"{r['gflop_per_step']:.2f} | {r['achieved_tflops']:.3f} | {mfu} |")
     kind = result["rows"][0]["mem_kind"] if result["rows"] else "-"
-    lines += [f"\nPeak memory: {kind}. MFU against a measured {result['peak_dtype']} matmul peak of "
-              f"{result['peak_tflops']:.2f} TFLOP/s.\n", "| method | pass | ms | share of step |",
+    lines += [(f"\nPeak memory: {kind}. MFU against a measured {result['peak_dtype']} matmul peak of "
+               f"{result['peak_tflops']:.2f} TFLOP/s.\n"), "| method | pass | ms | share of step |",
               "|---|---|---:|---:|"]
     for r in result["rows"]:
         for k, v in r["parts_ms"].items():
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default 32 tiny, 4 sdxl)")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for every method, e.g. --set trainer.gradient_checkpointing=false")
+                    help="config override for every method, e.g. --set trainer.gradient_checkpointing=false")
     args = ap.parse_args(argv)
     result = run(args.size, args.methods, args.batch, args.steps, args.warmup, args.overrides)
     out, md = Path(args.out), markdown(result)

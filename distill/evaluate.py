@@ -121,12 +121,13 @@ class Evaluator:
 
 def train_classifier(
     steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 1234, log_every: int = 100,
-    noise: float = 0.15,
+    noise: float = 0.0,
 ) -> tuple[Classifier, dict]:
     """Train on fresh images from the "evaluator" split (never the train or heldout splits) for `steps` steps.
 
-    Half of each batch gets Gaussian noise (sigma up to 0.15 in [-1, 1] units) so that a generator's residual
-    speckle does not flip the predicted attribute: accuracy should measure prompt following, FD the rest.
+    `noise` > 0 adds Gaussian noise (sigma up to `noise`, [-1, 1] units) to half of each batch. Off by default:
+    measured, 0.15 made the features (and so FD) ~3x less sensitive to noise and blur, while the clean-trained
+    classifier already reads images with sigma 0.2 noise or a 3x3 blur without a single error.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -280,7 +281,7 @@ def save_grid(
 
     left = max((size(t)[0] for t in row_labels), default=0) + 2 * pad + 4 if row_labels else 0
     top = max((size(t)[1] for t in col_labels), default=0) + 2 * pad + 4 if col_labels else 0
-    grid = Image.new("RGB", (left + cols * (w + pad) + pad, top + rows * (h + pad) + pad), (255, 255, 255))
+    grid = Image.new("RGB", (left + cols * (w + pad) + pad, top + rows * (h + pad) + pad), (200, 200, 200))
     draw = ImageDraw.Draw(grid)
     for i, cell in enumerate(arr):
         r, c = divmod(i, cols)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--noise", type=float, default=0.15, help="max Gaussian noise sigma on half of each batch")
+    t.add_argument("--noise", type=float, default=0.0, help="max Gaussian noise sigma on half of each batch")
     t.add_argument("--threads", type=int, default=1, help="CPU threads (1 leaves the other cores to training)")
     t.add_argument("--out", default=str(ASSET))
     r = sub.add_parser("report", help="held-out accuracy and the real-vs-real FD floor")

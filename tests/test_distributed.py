@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT, run_cli
+from safetensors.torch import load_file
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 SELF = str(Path(__file__).resolve())

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -19,7 +18,7 @@ NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 
 def _ensure_kernel() -> str:
-    """The notebook's kernel, `python3`, running this interpreter: install its spec into the venv if missing."""
+    """The notebook's kernel, `python3` (this interpreter): install its spec into the venv if missing."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     if "python3" not in KernelSpecManager().find_kernel_specs():
@@ -51,10 +50,10 @@ def test_quickstart_runs_on_the_tiny_random_model(tiny_data, tmp_path, monkeypat
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "distill:random-sdxl" in text
     assert "max |LoRA on - LoRA off|" in text
-    run_dir = next(line for line in text.splitlines() if line.startswith("run folder:")).split(":", 1)[1].strip()
+    run_dir = next(ln for ln in text.splitlines() if ln.startswith("run folder:")).split(":", 1)[1].strip()
     info = json.loads((Path(run_dir) / "export" / "export.json").read_text())
     assert info["method"] == "lcd-lora" and info["scheduler"] == "LCMScheduler"
-    # 5 columns (LCM-LoRA 1/2/4, teacher 4/25) x 4 prompt rows of 32x32 images upscaled 4x, and the grid is shown
+    # 5 columns (LCM-LoRA 1/2/4, teacher 4/25) x 4 prompt rows of 32x32 images upscaled 4x; the grid is shown
     grid = Image.open(tmp_path / "quickstart_grid.png")
     assert grid.width > 5 * 128 and 4 * 128 < grid.height < 5 * 128
     assert any("image/png" in o.get("data", {}) for o in nb.cells[-1].outputs)

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 CLUSTER_SCRIPT = Path(os.environ.get("DISTILL_SLURM_SETUP", ROOT.parent / "shared" / "slurm" / "local-cluster.sh"))
@@ -37,7 +36,7 @@ def slurm() -> None:
         pytest.skip("no apt-get to install SLURM (the setup script targets Debian 12)")
     try:
         proc = subprocess.run(["bash", str(CLUSTER_SCRIPT)], env={**os.environ, "NUM_NODES": "2"},
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, check=False)
     except subprocess.TimeoutExpired:
         pytest.skip("SLURM setup did not finish within 10 minutes")
     if proc.returncode != 0:
@@ -53,7 +52,8 @@ def job_env(tiny_data) -> dict:
 
 def sbatch(args: list[str], env: dict, log: Path, wait: bool = False, timeout: int = 600) -> int:
     cmd = ["sbatch", "--parsable", f"--output={log}", *(["--wait"] if wait else []), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     job = re.match(r"(\d+)", proc.stdout.strip())
     assert job, f"sbatch failed ({proc.returncode}): {proc.stdout}{proc.stderr}"
     if wait:
@@ -62,7 +62,7 @@ def sbatch(args: list[str], env: dict, log: Path, wait: bool = False, timeout: i
 
 
 def job_state(job: int) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job), "-o", "State"], capture_output=True, text=True)
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job), "-o", "State"], capture_output=True, text=True, check=False)
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
 
@@ -97,7 +97,7 @@ def test_usr1_on_one_rank_checkpoints_all_and_resumes(tiny_data, tmp_path):
     launcher = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: len(metric_steps(run)) >= 3 or launcher.poll() is not None, 300, "3 logged steps")
-        ranks = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        ranks = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True, check=False).stdout.split()
         rank1 = [p for p in ranks if _environ(int(p)).get("RANK") == "1"]
         assert len(ranks) == 2 and len(rank1) == 1, (ranks, rank1)
         os.kill(int(rank1[0]), signal.SIGUSR1)
@@ -162,7 +162,7 @@ def test_two_node_job_trains_with_two_ranks(slurm, job_env, tmp_path):
                   "data.batch_size=1"], env, log, wait=True)
     assert "nodes=2" in log.read_text()
     nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job), "-o", "NodeList"], capture_output=True,
-                           text=True).stdout.strip()
+                           text=True, check=True).stdout.strip()
     assert nodes == "n[1-2]", nodes
     ckpt = run / "checkpoints" / "step_2"
     assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]

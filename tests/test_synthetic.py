@@ -38,7 +38,7 @@ def _nearest(rgb: np.ndarray, table: dict[str, tuple[float, float, float]]) -> s
 
 
 def test_images_show_their_caption_attributes():
-    seen = set()
+    seen, antialiased = set(), 0
     for i in range(200):
         img, attrs = generate(i, seed=0)
         seen.add(caption(attrs))
@@ -50,8 +50,10 @@ def test_images_show_their_caption_attributes():
         assert _nearest(centre, COLOR_RGB) == attrs["color"]
         assert np.abs(centre - COLOR_RGB[attrs["color"]]).max() <= synthetic.COLOR_JITTER + 0.01
         assert _nearest(img[0, 0] / 255.0, BACKGROUND_RGB) == attrs["background"]
-        # Anti-aliased: some edge pixels lie strictly between the two colours.
-        assert len(np.unique(img.reshape(-1, 3), axis=0)) > 2
+        # Anti-aliased: edge pixels lie strictly between the two colours (unless a square's edges happen to fall
+        # between supersamples on all four sides, about 1 in 256).
+        antialiased += len(np.unique(img.reshape(-1, 3), axis=0)) > 2
+    assert antialiased >= 190
     assert len(seen) == 24  # 200 samples cover all prompts
 
 

@@ -1,5 +1,5 @@
-"""bench/throughput.py's machinery on a tiny model. A smoke test of the benchmark, not a timed test: nothing here
-compares a time against a threshold."""
+"""bench/throughput.py's machinery on a tiny model. A smoke test of the benchmark, not a timed test: nothing
+here compares a time against a threshold."""
 
 import importlib.util
 import json
@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import ROOT
 
 
@@ -100,4 +99,4 @@ def test_sdxl_unet_config_is_the_real_sdxl(tp):
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     cfg = tp.method_config("pad_adversarial", "sdxl", 4, [])
     assert cfg.data.resolution // 8 == tp.SDXL_UNET["sample_size"] and cfg.trainer.mixed_precision == "bf16"
-    assert cfg.method.teacher is None and cfg.method.student_init is None  # every stage model is the base here
+    assert cfg.method.teacher is None and cfg.method.student_init is None  # every model is the base here

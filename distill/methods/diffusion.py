@@ -26,7 +26,7 @@ class Diffusion(Method):
             torch.manual_seed(cfg.trainer.seed)
             unet = UNet2DConditionModel.from_config(unet.config)
         self.unet = unet.to(device=device, dtype=torch.float32).train().requires_grad_(True)
-        self.ema = EMA(copy.deepcopy(self.unet).requires_grad_(False).eval(), m.ema_decay)
+        self.ema = EMA(copy.deepcopy(self.unet).requires_grad_(False).eval(), m.ema_decay, warmup=True)
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.modules = {"unet": self.unet}
 
@@ -51,7 +51,7 @@ class Diffusion(Method):
         return {"loss": loss, "loss_mse": loss.detach()} if n else {"loss": loss}
 
     def after_step(self, step: int) -> None:
-        self.ema.update(self.unet)
+        self.ema.update(self.unet, step)
 
     def state_dict(self):
         return self.ema.state_dict()
