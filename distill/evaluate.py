@@ -1,14 +1,15 @@
-"""Evaluation for the tiny world: a shipped attribute classifier, its features for a Frechet distance, and grids.
+"""Tiny-world evaluation: a shipped attribute classifier, its features for a Frechet distance, and grids.
 
 The classifier (a small BatchNorm CNN, 64-d penultimate features, one head per attribute) is trained on images
 from `distill.data.synthetic.generate` and shipped in distill/assets/tiny/evaluator.safetensors. It serves two
-metrics that must be read together (references/tiny-world-prototype.md: FD alone rewarded a student that smoothed
-away the teacher's noise while following prompts worse):
+metrics that must be read together (references/tiny-world-prototype.md: FD alone rewarded a student that
+smoothed away the teacher's noise while following prompts worse):
 - attribute accuracy: does the image show the prompt's colour, shape and background;
-- Frechet distance between feature Gaussians (FID's formula, Heusel et al. 2017, on this classifier's features).
+- Frechet distance between feature Gaussians (FID's formula, Heusel et al. 2017, on this classifier's
+  features).
 
-    python -m distill.evaluate train-classifier [--steps N] [--out PATH]   # retrain the shipped weights
-    python -m distill.evaluate report [--n 1000]                            # accuracy and the real-vs-real FD floor
+    python -m distill.evaluate train-classifier [--steps N] [--out PATH]  # retrain the shipped weights
+    python -m distill.evaluate report [--n 1000]  # accuracy and the real-vs-real FD floor
 
 Images everywhere are float tensors (N, 3, H, W) in [-1, 1], as the diffusion code produces them.
 """
@@ -82,7 +83,9 @@ class Evaluator:
     def _prep(self, images: Tensor) -> Tensor:
         x = images.to(self.device, torch.float32).clamp(-1.0, 1.0)  # decoded images get clipped when saved
         if x.shape[-2:] != (RESOLUTION, RESOLUTION):
-            x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True, align_corners=False
+            )
         return x
 
     @torch.no_grad()
@@ -120,14 +123,18 @@ class Evaluator:
 
 
 def train_classifier(
-    steps: int = 600, batch_size: int = 64, lr: float = 3e-3, seed: int = 1234, log_every: int = 100,
+    steps: int = 600,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 1234,
+    log_every: int = 100,
     noise: float = 0.0,
 ) -> tuple[Classifier, dict]:
     """Train on fresh images from the "evaluator" split (never the train or heldout splits) for `steps` steps.
 
-    `noise` > 0 adds Gaussian noise (sigma up to `noise`, [-1, 1] units) to half of each batch. Off by default:
-    measured, 0.15 made the features (and so FD) ~3x less sensitive to noise and blur, while the clean-trained
-    classifier already reads images with sigma 0.2 noise or a 3x3 blur without a single error.
+    `noise` > 0 adds Gaussian noise (sigma up to `noise`, [-1, 1] units) to half of each batch. Off by
+    default: measured, 0.15 made the features (and so FD) ~3x less sensitive to noise and blur, while the
+    clean-trained classifier already reads images with sigma 0.2 noise or a 3x3 blur without an error.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -139,7 +146,11 @@ def train_classifier(
     for step in range(steps):
         imgs, attrs = generate_batch(range(step * batch_size, (step + 1) * batch_size), seed, "evaluator")
         x = to_tensor(imgs)
-        sigma = torch.rand(batch_size, 1, 1, 1, generator=gen) * noise * (torch.rand(batch_size, 1, 1, 1, generator=gen) < 0.5)
+        sigma = (
+            torch.rand(batch_size, 1, 1, 1, generator=gen)
+            * noise
+            * (torch.rand(batch_size, 1, 1, 1, generator=gen) < 0.5)
+        )
         x = x + sigma * torch.randn(x.shape, generator=gen)
         y = labels([caption(a) for a in attrs])
         _, logits = model(x)
@@ -152,8 +163,15 @@ def train_classifier(
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:.0f}s", flush=True)
     model.eval()
     meta = {
-        "steps": steps, "batch_size": batch_size, "lr": lr, "noise": noise, "seed": seed, "train_seconds": time.perf_counter() - start,
-        "threads": torch.get_num_threads(), "feature_dim": FEATURE_DIM, "attributes": ATTRIBUTES,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "noise": noise,
+        "seed": seed,
+        "train_seconds": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+        "feature_dim": FEATURE_DIM,
+        "attributes": ATTRIBUTES,
     }
     return model, meta
 
@@ -188,7 +206,8 @@ def _load(path: str, device: str) -> Evaluator:
 
 
 def load_evaluator(path: str | Path | None = None, device: str | torch.device = "cpu") -> Evaluator:
-    """The shipped evaluator (cached per path and device); trains and saves it first if the file is missing."""
+    """The shipped evaluator (cached per path and device); trains and saves it first if the file is
+    missing."""
     return _load(str(path or ASSET), str(device))
 
 
@@ -197,16 +216,20 @@ def features(images: Tensor, evaluator: Evaluator | None = None) -> Tensor:
     return (evaluator or load_evaluator()).features(images)
 
 
-def attribute_accuracy(images: Tensor, prompts: list[str], evaluator: Evaluator | None = None) -> dict[str, float]:
-    """{"color", "shape", "background", "all"}: fraction of images whose classified attribute matches the prompt."""
+def attribute_accuracy(
+    images: Tensor, prompts: list[str], evaluator: Evaluator | None = None
+) -> dict[str, float]:
+    """{"color", "shape", "background", "all"}: fraction of images whose classified attribute matches the
+    prompt ("all": all three)."""
     return (evaluator or load_evaluator()).attribute_accuracy(images, prompts)
 
 
 def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
     """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr((S_a^1/2 S_b S_a^1/2)^1/2) (FID's formula, float64).
 
-    tr((S_a S_b)^1/2) is computed as the trace of the square root of the symmetric PSD matrix S_a^1/2 S_b S_a^1/2,
-    by eigenvalues clipped at zero: real and stable for singular covariances, unlike a general sqrtm.
+    tr((S_a S_b)^1/2) is computed as the trace of the square root of the symmetric PSD matrix
+    S_a^1/2 S_b S_a^1/2, by eigenvalues clipped at zero: real and stable for singular covariances, unlike a
+    general sqrtm.
     """
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)
@@ -225,7 +248,8 @@ def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray)
 def real_images(n: int, split: str = "heldout", seed: int = 0) -> tuple[Tensor, list[str]]:
     """Samples 0..n-1 of a split of the tiny world, as (float images in [-1, 1], captions).
 
-    Identical to the images in the shards `python -m distill.data.synthetic --seed SEED` writes for that split.
+    Identical to the images in the shards `python -m distill.data.synthetic --seed SEED` writes for that
+    split.
     """
     imgs, attrs = generate_batch(range(n), seed, split)
     return to_tensor(imgs), [caption(a) for a in attrs]
@@ -236,7 +260,9 @@ def _reference(n: int, split: str, seed: int, path: str) -> Tensor:
     return load_evaluator(path).features(real_images(n, split, seed)[0])
 
 
-def real_reference(n: int = 2000, split: str = "heldout", seed: int = 0, evaluator_path: str | Path | None = None) -> Tensor:
+def real_reference(
+    n: int = 2000, split: str = "heldout", seed: int = 0, evaluator_path: str | Path | None = None
+) -> Tensor:
     """Features (n, 64) of the first n real images of `split` (cached in memory): the FD reference set."""
     return _reference(n, split, seed, str(evaluator_path or ASSET)).clone()
 
@@ -268,9 +294,19 @@ def save_grid(
         cells = torch.stack(list(images), dim=1).flatten(0, 1)  # row-major
     else:
         n = len(images)
-        cols = len(col_labels) if col_labels else (math.ceil(n / len(row_labels)) if row_labels else math.ceil(math.sqrt(n)))
+        cols = (
+            len(col_labels)
+            if col_labels
+            else (math.ceil(n / len(row_labels)) if row_labels else math.ceil(math.sqrt(n)))
+        )
         rows, cells = math.ceil(n / cols), images
-    arr = ((cells.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arr = (
+        ((cells.detach().float().cpu().clamp(-1, 1) + 1) * 127.5)
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     h, w = arr.shape[1] * scale, arr.shape[2] * scale
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -288,9 +324,16 @@ def save_grid(
         tile = Image.fromarray(cell).resize((w, h), Image.NEAREST)
         grid.paste(tile, (left + pad + c * (w + pad), top + pad + r * (h + pad)))
     for r, text in enumerate(row_labels or []):
-        draw.text((pad, top + pad + r * (h + pad) + (h - size(text)[1]) // 2), text, fill=(0, 0, 0), font=font)
+        draw.text(
+            (pad, top + pad + r * (h + pad) + (h - size(text)[1]) // 2), text, fill=(0, 0, 0), font=font
+        )
     for c, text in enumerate(col_labels or []):
-        draw.text((left + pad + c * (w + pad) + max(0, (w - size(text)[0]) // 2), pad), text, fill=(0, 0, 0), font=font)
+        draw.text(
+            (left + pad + c * (w + pad) + max(0, (w - size(text)[0]) // 2), pad),
+            text,
+            fill=(0, 0, 0),
+            font=font,
+        )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return grid
@@ -305,20 +348,26 @@ def report(n: int = 1000, n_ref: int = 2000, seed: int = 0) -> dict:
     ref = real_reference(n_ref, "heldout", seed)
     return {
         "heldout_accuracy": ev.attribute_accuracy(ref_imgs, ref_prompts),
-        "fd_floor": frechet_distance(ev.features(fresh), ref), "n": n, "n_ref": n_ref,
+        "fd_floor": frechet_distance(ev.features(fresh), ref),
+        "n": n,
+        "n_ref": n_ref,
         "fd_floor_same_n": frechet_distance(ev.features(fresh), ref[:n]),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Tiny-world evaluator: train the classifier or report its numbers.")
+    p = argparse.ArgumentParser(
+        description="Tiny-world evaluator: train the classifier or report its numbers."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train-classifier", help="train the attribute classifier and save its weights")
     t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--noise", type=float, default=0.0, help="max Gaussian noise sigma on half of each batch")
-    t.add_argument("--threads", type=int, default=1, help="CPU threads (1 leaves the other cores to training)")
+    t.add_argument(
+        "--threads", type=int, default=1, help="CPU threads (1 leaves the other cores to training)"
+    )
     t.add_argument("--out", default=str(ASSET))
     r = sub.add_parser("report", help="held-out accuracy and the real-vs-real FD floor")
     r.add_argument("--n", type=int, default=1000)

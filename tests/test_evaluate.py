@@ -34,7 +34,9 @@ def _blur(x: torch.Tensor, k: int = 3) -> torch.Tensor:
 
 
 def test_shipped_weights_classify_fresh_real_images(fresh):
-    assert evaluate.ASSET.exists(), "ship distill/assets/tiny/evaluator.safetensors (python -m distill.evaluate train-classifier)"
+    assert evaluate.ASSET.exists(), (
+        "ship distill/assets/tiny/evaluator.safetensors (python -m distill.evaluate train-classifier)"
+    )
     ev = load_evaluator()
     assert ev.meta["steps"] > 0 and ev.meta["heldout_accuracy"]["all"] >= 0.98
     acc = attribute_accuracy(*fresh)
@@ -106,7 +108,7 @@ def test_save_grid_size_and_content(tmp_path, fresh):
     on_disk = Image.open(tmp_path / "plain.png")
     assert on_disk.size == plain.size == (3 * (128 + 2) + 2, 2 * (128 + 2) + 2)
     # Row 1, column 2 is images[5], upscaled 4x nearest.
-    tile = np.asarray(on_disk.convert("RGB"))[2 + 130: 2 + 130 + 128, 2 + 260: 2 + 260 + 128]
+    tile = np.asarray(on_disk.convert("RGB"))[2 + 130 : 2 + 130 + 128, 2 + 260 : 2 + 260 + 128]
     expect = ((images[5].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
     assert np.array_equal(tile, expect.repeat(4, axis=0).repeat(4, axis=1))
 

@@ -50,8 +50,8 @@ def test_images_show_their_caption_attributes():
         assert _nearest(centre, COLOR_RGB) == attrs["color"]
         assert np.abs(centre - COLOR_RGB[attrs["color"]]).max() <= synthetic.COLOR_JITTER + 0.01
         assert _nearest(img[0, 0] / 255.0, BACKGROUND_RGB) == attrs["background"]
-        # Anti-aliased: edge pixels lie strictly between the two colours (unless a square's edges happen to fall
-        # between supersamples on all four sides, about 1 in 256).
+        # Anti-aliased: edge pixels lie strictly between the two colours (unless a square's edges happen to
+        # fall between supersamples on all four sides, about 1 in 256).
         antialiased += len(np.unique(img.reshape(-1, 3), axis=0)) > 2
     assert antialiased >= 190
     assert len(seen) == 24  # 200 samples cover all prompts
@@ -65,7 +65,7 @@ def test_shape_coverage_matches_geometry(shape: str, area: float):
     assert alpha.sum() == pytest.approx(area * r * r, rel=0.02)
     assert alpha[int(cy), int(cx)] == 1.0
     # The triangle points up: its top half holds less of the shape than its bottom half.
-    top, bottom = alpha[: int(cy)].sum(), alpha[int(cy):].sum()
+    top, bottom = alpha[: int(cy)].sum(), alpha[int(cy) :].sum()
     assert (top < 0.5 * bottom) if shape == "triangle" else (top == pytest.approx(bottom, rel=0.15))
 
 
@@ -74,13 +74,31 @@ def test_caption_round_trip_and_rejects_other_text():
     assert PROMPTS[0] == "a red circle on a black background"
     for p in PROMPTS:
         assert caption(parse_caption(p)) == p
-    for bad in ["", "a purple circle on a black background", "a red circle on black", "a red hexagon on a white background"]:
+    for bad in [
+        "",
+        "a purple circle on a black background",
+        "a red circle on black",
+        "a red hexagon on a white background",
+    ]:
         with pytest.raises(ValueError):
             parse_caption(bad)
 
 
 def test_shards_written_and_readable_with_webdataset(tmp_path):
-    synthetic.main(["--out", str(tmp_path), "--train", "25", "--heldout", "7", "--samples-per-shard", "10", "--seed", "5"])
+    synthetic.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--train",
+            "25",
+            "--heldout",
+            "7",
+            "--samples-per-shard",
+            "10",
+            "--seed",
+            "5",
+        ]
+    )
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]
     assert sorted(p.name for p in (tmp_path / "heldout").iterdir()) == ["00000.tar"]
     info = json.loads((tmp_path / "info.json").read_text())
