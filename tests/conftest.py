@@ -20,6 +20,19 @@ torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json, the keys the schedulers read
+SDXL_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:

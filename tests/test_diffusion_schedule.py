@@ -23,29 +23,10 @@ from distill.diffusion import (
     lcm_skip_grid,
 )
 
-# stabilityai/stable-diffusion-xl-base-1.0/scheduler/scheduler_config.json (minus class-only keys)
-SDXL = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-}
+from conftest import SDXL_SCHEDULER_CONFIG as SDXL  # noqa: E402
 STEPS = [1, 2, 3, 4, 8, 50]
 SPACINGS = ["leading", "trailing", "linspace"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine (10-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize(

@@ -23,27 +23,9 @@ from distill.diffusion import (
     seeded_noise,
 )
 
-SDXL = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-}
+from conftest import SDXL_SCHEDULER_CONFIG as SDXL  # noqa: E402
 B, POOLED, TIME_EMB, W_DIM = 2, 32, 8, 16
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine (10-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
