@@ -121,8 +121,7 @@ class Trainer:
     # -- batches -----------------------------------------------------------------------------------------
     def to_batch(self, raw: dict) -> Batch:
         dev = self.device
-        urls = raw.get("url", [""] * len(raw["key"]))
-        seeds = [sample_seed(self.cfg.trainer.seed, self.step, u, k) for u, k in zip(urls, raw["key"])]
+        seeds = [sample_seed(self.cfg.trainer.seed, self.step, k) for k in raw["key"]]
         if self.method.input_kind == "pixels":
             return Batch(latents=None, cond=None, captions=raw["caption"], pixels=raw["pixels"].to(dev), seeds=seeds)
         ids = time_ids(raw["original_size"], raw["crop_top_left"], raw["target_size"]).to(dev)

@@ -52,9 +52,10 @@ def _mix(seed: int, tag: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{tag}".encode(), digest_size=8).digest(), "little") >> 1
 
 
-def sample_seed(run_seed: int, step: int, url: str, key: str) -> int:
-    """The seed of one sample's random draws at one step."""
-    return _mix(run_seed, f"{step}/{url}/{key}")
+def sample_seed(run_seed: int, step: int, key: str) -> int:
+    """The seed of one sample's random draws at one step: from the sample key alone (not its shard), so the
+    same sample read from image shards or from precomputed latent shards gets the same noise."""
+    return _mix(run_seed, f"{step}/{key}")
 
 
 class Method:
