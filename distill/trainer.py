@@ -112,11 +112,15 @@ class Trainer:
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
         # A checkpoint holds the trainable weights, two Adam moments and the method's extra state (EMA): check
         # there is room for one before the first step, not when the first save fails hours later.
-        trainable = sum(p.numel() * p.element_size() for o in self.optimizers for g in o.param_groups for p in g["params"])
+        trainable = sum(p.numel() * p.element_size() for p in self.trained_params())
         extra = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
         self.ckpt_manager.check_writable(min_free_bytes=int(3 * trainable + extra) + (16 << 20))
         self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
                                    seed=cfg.trainer.seed)
+
+    def trained_params(self, optimizers: list | None = None) -> list[torch.Tensor]:
+        """The parameters the optimizers update (all of them, or those of `optimizers`)."""
+        return [p for o in (optimizers or self.optimizers) for g in o.param_groups for p in g["params"]]
 
     # -- batches -----------------------------------------------------------------------------------------
     def to_batch(self, raw: dict) -> Batch:
@@ -183,7 +187,7 @@ class Trainer:
         for phase in self.method.phases(self.step):
             oi = self.method.optimizer_names.index(phase)
             opt, sched = self.optimizers[oi], self.schedulers[oi]
-            params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+            params = [p for p in self.trained_params([opt]) if p.requires_grad]
             for batch in batches:
                 with acc.accumulate(*self.method.modules.values()):
                     out = self.method.losses(batch, phase, self.step)
@@ -236,7 +240,7 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
         """Checkpoint, unless the weights are no longer finite (then the last good checkpoint stays the latest)."""
-        params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        params = self.trained_params()
         finite = bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(params)]).all()) if params else True
         if self.nonfinite_in_a_row or not finite:
             self.counters["skipped_checkpoints"] = self.counters.get("skipped_checkpoints", 0) + 1

@@ -35,7 +35,6 @@ class Diffusion(Method):
 
     def losses(self, batch: Batch, phase: str, step: int):
         x0 = batch.latents
-        n = batch.size
         eps = batch.randn("eps", tuple(x0.shape[1:]), x0.device)
         t = batch.randint("t", 0, self.schedule.num_train_timesteps, x0.device)
         x_t = add_noise(x0, eps, t, self.schedule)
@@ -48,7 +47,7 @@ class Diffusion(Method):
         else:
             target = eps
         loss = F.mse_loss(pred.float(), target.float())
-        return {"loss": loss, "loss_mse": loss.detach()} if n else {"loss": loss}
+        return {"loss": loss, "loss_mse": loss.detach()}
 
     def after_step(self, step: int) -> None:
         self.ema.update(self.unet, step)

@@ -33,10 +33,11 @@ class VAETraining(Method):
         m = self.cfg.method
         vae = self.modules["vae"]
         x = batch.pixels
-        posterior = (vae.module if hasattr(vae, "module") else vae).encode(x).latent_dist
+        net = vae.module if hasattr(vae, "module") else vae  # encode/decode live on the wrapped model
+        posterior = net.encode(x).latent_dist
         eps = batch.randn("z", tuple(posterior.mean.shape[1:]), x.device)
         z = posterior.mean + posterior.std * eps
-        rec = (vae.module if hasattr(vae, "module") else vae).decode(z).sample
+        rec = net.decode(z).sample
         l1, l2 = F.l1_loss(rec, x), F.mse_loss(rec, x)
         kl = posterior.kl().mean() / z[0].numel()
         loss = m.l1_weight * l1 + m.l2_weight * l2 + m.kl_weight * kl
