@@ -20,6 +20,7 @@ from distill.diffusion import UNetCond, seeded_noise
 from distill.methods import build_method
 from distill.methods.base import Batch, sample_seed
 from distill.models import decode_latents, encode_images, encode_prompts, load_components, time_ids
+from distill.parallel import gathered, no_zero3_init, zero3_enabled
 from distill.tracking import Tracker
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -89,15 +90,22 @@ class Trainer:
         parts = ["unet", "vae"] if kind == "pixels" else ["unet"]
         if kind == "latents" and cfg.data.kind == "images":
             parts += ["vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
-        self.comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, dtype=dtype, device=self.device,
-                                     parts=tuple(parts), revision=cfg.model.revision, variant=cfg.model.variant)
-        self.method = build_method(cfg, self.comps, self.device)
+        with no_zero3_init(acc):  # frozen parts whole on every rank; only what trains is partitioned (prepare)
+            self.comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, dtype=dtype, device=self.device,
+                                         parts=tuple(parts), revision=cfg.model.revision, variant=cfg.model.variant)
+            self.method = build_method(cfg, self.comps, self.device)
         self.optimizers, self.schedulers = [], []
         for groups in self.method.param_groups():
             opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
             opt = opt_cls(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                           weight_decay=cfg.optim.weight_decay)
             self.optimizers.append(opt)
+        # A checkpoint holds the trainable weights, two Adam moments and the method's extra state (EMA): check
+        # there is room for one before the first step, not when the first save fails hours later. (Counted before
+        # prepare: ZeRO-3 leaves each rank only a slice.)
+        trainable = sum(p.numel() * p.element_size() for p in self.trained_params())
+        extra = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
+        self.ckpt_manager.check_writable(min_free_bytes=int(3 * trainable + extra) + (16 << 20))
         names = list(self.method.modules)
         ds = acc.state.deepspeed_plugin  # scale-out (issue 9): the loader is not prepared, so DeepSpeed's "auto"
         if ds is not None:  # micro-batch and clipping cannot be inferred from it: fill them from this config
@@ -110,11 +118,6 @@ class Trainer:
         self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
         self.optimizers = list(prepared[len(names):])
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
-        # A checkpoint holds the trainable weights, two Adam moments and the method's extra state (EMA): check
-        # there is room for one before the first step, not when the first save fails hours later.
-        trainable = sum(p.numel() * p.element_size() for p in self.trained_params())
-        extra = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
-        self.ckpt_manager.check_writable(min_free_bytes=int(3 * trainable + extra) + (16 << 20))
         self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
                                    seed=cfg.trainer.seed)
 
@@ -240,8 +243,11 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
         """Checkpoint, unless the weights are no longer finite (then the last good checkpoint stays the latest)."""
-        params = self.trained_params()
+        params = [getattr(p, "ds_tensor", p) for p in self.trained_params()]  # ZeRO-3: this rank's slice
         finite = bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(params)]).all()) if params else True
+        if self.acc.num_processes > 1:  # all ranks decide together (under ZeRO-3 each sees only its slice)
+            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+            finite = bool(self.acc.reduce(flag, reduction="sum").item() == 0)
         if self.nonfinite_in_a_row or not finite:
             self.counters["skipped_checkpoints"] = self.counters.get("skipped_checkpoints", 0) + 1
             self.tracker.print(f"step {self.step}: not checkpointing non-finite weights")
@@ -272,7 +278,9 @@ class Trainer:
         if not prompts or self.method.input_kind == "pixels":
             self.acc.wait_for_everyone()
             return
-        if self.acc.is_main_process:
+        # Under ZeRO-3 a forward gathers the student's weights on every rank at once: all ranks sample, rank 0 saves.
+        everywhere = zero3_enabled(self.acc)
+        if self.acc.is_main_process or everywhere:
             from distill.evaluate import save_grid
 
             comps = self.validation_components()
@@ -290,28 +298,36 @@ class Trainer:
             columns = []
             for steps in self.cfg.trainer.validation_steps:
                 lat = self.method.sample(cond, noise, int(steps), seeds)
-                columns.append(decode_latents(comps, lat.to(comps.vae.dtype)).float().cpu())
-            path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
-            save_grid(columns, path, row_labels=prompts, col_labels=[f"{s} steps" for s in self.cfg.trainer.validation_steps])
-            self.tracker.log_image("val/samples", path, self.step)
+                if self.acc.is_main_process:
+                    columns.append(decode_latents(comps, lat.to(comps.vae.dtype)).float().cpu())
+            if self.acc.is_main_process:
+                path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+                save_grid(columns, path, row_labels=prompts,
+                          col_labels=[f"{s} steps" for s in self.cfg.trainer.validation_steps])
+                self.tracker.log_image("val/samples", path, self.step)
         self.acc.wait_for_everyone()
 
     def validation_components(self):
         need = [p for p in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
                 if getattr(self.comps, p) is None and not (self.comps.arch == "sd15" and p.endswith("_2"))]
-        if need:  # latent shards: the text encoders and VAE are loaded only here, on rank 0
-            extra = load_components(self.cfg.model.pretrained, vae=self.cfg.model.vae, parts=tuple(need),
-                                    dtype=torch.float32, device=self.device)
+        if need:  # latent shards: the text encoders and VAE are loaded only here (rank 0; every rank under ZeRO-3)
+            with no_zero3_init(self.acc):
+                extra = load_components(self.cfg.model.pretrained, vae=self.cfg.model.vae, parts=tuple(need),
+                                        dtype=torch.float32, device=self.device)
             for p in need:
                 setattr(self.comps, p, getattr(extra, p))
         return self.comps
 
     def export(self) -> None:
-        if self.acc.is_main_process:
-            out = self.run_dir / "export"
-            self.method.export(out, DTYPES[self.cfg.trainer.export_dtype])
-            self.tracker.print(f"exported to {out}")
-        self.acc.wait_for_everyone()
+        params = [p for m in self.method.modules.values() for p in m.parameters()]
+        # ZeRO-3: every rank gathers the full weights, rank 0 writes them (and loads the teacher's text encoders
+        # for the single-file checkpoint whole, not partitioned on one rank alone, which would hang).
+        with gathered(params), no_zero3_init(self.acc):
+            if self.acc.is_main_process:
+                out = self.run_dir / "export"
+                self.method.export(out, DTYPES[self.cfg.trainer.export_dtype])
+                self.tracker.print(f"exported to {out}")
+            self.acc.wait_for_everyone()
 
     # -- preemption (scale-out, issue 9) -------------------------------------------------------------------
     def install_preempt_handlers(self) -> None:

@@ -1,5 +1,5 @@
-"""Multi-process training on CPU: 2 processes x B/2 train like 1 process x B, ranks never share a sample, and a
-DeepSpeed ZeRO-2 run (gloo) trains, checkpoints, resumes and exports.
+"""Multi-process training on CPU: 2 processes x B/2 train like 1 process x B, ranks never share a sample, and
+DeepSpeed ZeRO-2 and ZeRO-3 runs (gloo) train like DDP, checkpoint, resume and export.
 
 The runs go through `accelerate launch` of this very file (see `_probe` at the bottom): it composes the real Hydra
 config and calls `distill.run`, recording which samples each rank's trainer received at each step.
@@ -139,6 +139,51 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_exports(eq_shards, tmp_p
     assert json.loads((out / "export.json").read_text())
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_full_lcd_and_lora_train_like_ddp_resume_and_export(eq_shards, tmp_path):
+    """ZeRO-3 partitions what trains; the frozen teacher, VAE and text encoders load whole on every rank; the EMA,
+    the validation grid and the export read the gathered weights. Full LCD (student + EMA) and LCD-LoRA."""
+    pytest.importorskip("deepspeed")
+    ds = ["--config_file", str(ROOT / "launch/accelerate/deepspeed_zero3.yaml"), "--num_processes", "2"]
+    env = {"ACCELERATE_USE_CPU": "false"}
+    full = [c if c != "+experiment=lcm_lora_tiny" else "+experiment=lcm_tiny" for c in COMMON]
+    base = [*full, f"data.shards='{eq_shards}'", "data.batch_size=2", "optim.eps=1e-3"]
+    z3 = tmp_path / "z3"
+    launch(z3, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=2", "trainer.checkpoint_every_steps=1"],
+           procs=2, extra=ds, env=env)
+    assert (z3 / "checkpoints/step_2/pytorch_model").is_dir(), "ZeRO-3 engine shards missing"
+    log = launch(z3, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=3", "resume=latest",
+                      "trainer.export_at_end=true", "trainer.validation_prompts=[a red circle on a black background]"],
+                 procs=2, extra=ds, env=env)
+    assert "at step 2" in log, log[-3000:]
+    ddp = tmp_path / "ddp"
+    launch(ddp, [*base, "trainer.max_steps=3"], procs=2)
+
+    def state(run: Path, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(run / "checkpoints/step_3" / name))
+
+    a, b = state(z3, "model.safetensors"), state(ddp, "model.safetensors")
+    assert a.keys() == b.keys() and all(v.numel() > 0 for v in a.values()), "gathered weights must be whole"
+    assert max_diff(a, b) < 1e-5, f"ZeRO-3 (resumed) vs DDP student after 3 steps: {max_diff(a, b):.3g}"
+    ea, eb = state(z3, "method_state.safetensors"), state(ddp, "method_state.safetensors")
+    w = "ema.time_embedding.cond_proj.weight"  # zero at init: the EMA moved it from the gathered student
+    assert ea[w].abs().max() > 0
+    assert max_diff(ea, eb) < 1e-5, f"ZeRO-3 vs DDP EMA: {max_diff(ea, eb):.3g}"
+    assert (z3 / "samples/step_000003.png").exists()
+    fused = load_file(str(z3 / "export/unet.safetensors"))
+    same = [k for k in fused if k in a]  # the export dtype (fp16) of the gathered student, exactly
+    assert same and all(torch.equal(fused[k], a[k].to(fused[k].dtype)) for k in same)
+
+    lora = tmp_path / "z3_lora"  # LoRA: the partitioned UNet is also the teacher (adapters disabled)
+    lbase = [*COMMON, f"data.shards='{eq_shards}'", "data.batch_size=2", "optim.eps=1e-3", "trainer.max_steps=2"]
+    launch(lora, [*lbase, "trainer.deepspeed_gloo=true", "trainer.export_at_end=true"], procs=2, extra=ds, env=env)
+    lddp = tmp_path / "ddp_lora"
+    launch(lddp, lbase, procs=2)
+    diff = max_diff(lora_weights(lora, 2), lora_weights(lddp, 2))
+    assert diff < 1e-5, f"ZeRO-3 vs DDP LoRA after 2 steps: {diff:.3g}"
+    assert load_file(str(lora / "export/lora/pytorch_lora_weights.safetensors"))
+
+
 def _probe(argv: list[str]) -> None:
     """`accelerate launch tests/test_distributed.py KEY=VALUE ...`: a training run that records, per rank, which
     samples (shard url + key) the trainer received at each step. Not a test; the tests above launch it."""
@@ -168,3 +213,14 @@ def _probe(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _probe(sys.argv[1:])
+
+
+@pytest.mark.slow
+def test_deepspeed_refuses_adversarial_pad_at_start(tmp_path):
+    pytest.importorskip("deepspeed")
+    ds = ["--config_file", str(ROOT / "launch/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2"]
+    with pytest.raises(AssertionError) as e:
+        launch(tmp_path / "pad", ["+experiment=lightning_tiny", "+debug=fast", "trainer.deepspeed_gloo=true"],
+               procs=2, extra=ds, env={"ACCELERATE_USE_CPU": "false"})
+    assert "two optimizers" in str(e.value) and "DDP" in str(e.value)
+    assert not (tmp_path / "pad" / "stages").exists(), "nothing trains before the refusal"

@@ -81,9 +81,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, source: nn.Module, step: int | None = None) -> None:
+        from distill.parallel import gathered
+
         src = [p for p in source.parameters()]
         dst = [p for p in self.model.parameters()]
-        torch._foreach_lerp_(dst, [s.detach().to(d.dtype) for s, d in zip(src, dst)], 1.0 - self.decay_at(step))
+        with gathered(src):  # a ZeRO-3 partitioned source is read whole (every rank updates its own full EMA copy)
+            torch._foreach_lerp_(dst, [s.detach().to(d.dtype) for s, d in zip(src, dst)], 1.0 - self.decay_at(step))
 
     def state_dict(self, prefix: str = "ema.") -> dict[str, Tensor]:
         return {prefix + k: v for k, v in self.model.state_dict().items()}
