@@ -109,12 +109,13 @@ class Bench:
         for steps in info.get("steps", [1, 2, 4, 8]):
             if "LCM" in info.get("scheduler", ""):
                 w = float(info.get("guidance_scale", 1.0)) - 1.0
+                n_orig = int(info.get("original_inference_steps", 50))
 
-                def fn(z, c, s, steps=steps, w=w):
+                def fn(z, c, s, steps=steps, w=w, n_orig=n_orig):
                     if unet.config.time_cond_proj_dim is not None:
                         c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
                                      guidance_embedding(torch.full((len(s),), w), unet.config.time_cond_proj_dim))
-                    return sample_lcm(unet, z, c, self.schedule, steps, s)
+                    return sample_lcm(unet, z, c, self.schedule, steps, s, original_inference_steps=n_orig)
             else:
                 pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
 

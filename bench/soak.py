@@ -188,7 +188,7 @@ def main() -> int:
         record["final_equal"] = not diff and wa.keys() == wb.keys()
         if not record["final_equal"]:
             failures.append(f"final weights differ in {len(diff)} tensors, e.g. {diff[:3]}")
-    n, bad = validate_checkpoints(b)
+    _, bad = validate_checkpoints(b)
     failures += bad
     rss = [r["rss_mb"] for r in record["uninterrupted"]["rss"] if r["step"] > 0]
     if rss:
@@ -200,8 +200,8 @@ def main() -> int:
     (args.out / "soak.json").write_text(json.dumps(record, indent=1))
 
     k = record["killed"]
-    print(f"\n| steps | checkpoint every | kills survived (mid-checkpoint) | starts | final weights equal | "
-          f"PSS 2nd 10% / last 10% / max (MB) | wall uninterrupted / killed |")
+    print("\n| steps | checkpoint every | kills survived (mid-checkpoint) | starts | final weights equal | "
+          "PSS 2nd 10% / last 10% / max (MB) | wall uninterrupted / killed |")
     print("|---|---|---|---|---|---|---|")
     r = record.get("rss_mb", {})
     print(f"| {args.steps} | {args.every} | {len(k['kills'])} ({sum(x['mid_checkpoint'] for x in k['kills'])}) | "

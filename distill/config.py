@@ -88,6 +88,8 @@ class LCDConfig:
     num_ddim_timesteps: int = 50
     w_min: float = 3.0  # LCM-form guidance scale w (standard scale w + 1); fixed when w_min == w_max
     w_max: float = 15.0
+    inference_w: Optional[float] = None  # w for validation grids and the export card (full LCD: within
+    #   [w_min, w_max]); None: 7.5 (the LCM papers' choice) clamped into [w_min, w_max]
     w_embedding_dim: int = 256
     loss: str = "huber"  # huber | l2
     huber_c: float = 1e-3
@@ -225,6 +227,16 @@ def _check_combinations(cfg: DictConfig) -> None:
             raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
         if m.loss not in ("huber", "l2"):
             raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
+        if m.inference_w is not None and not m.lora.enabled and not m.w_min <= m.inference_w <= m.w_max:
+            raise ConfigError(f"method.inference_w={m.inference_w} is outside the trained range "
+                              f"[method.w_min, method.w_max] = [{m.w_min}, {m.w_max}]")
+        too_many = [s for s in cfg.trainer.validation_steps if s > m.num_ddim_timesteps]
+        if too_many:
+            raise ConfigError(f"trainer.validation_steps has {too_many}: an LCD student samples at most "
+                              f"method.num_ddim_timesteps={m.num_ddim_timesteps} steps (its skip grid)")
+        if m.num_ddim_timesteps < 1 or 1000 % m.num_ddim_timesteps:
+            raise ConfigError(f"method.num_ddim_timesteps={m.num_ddim_timesteps} must divide 1000 (the skip grid "
+                              "t_i = (i + 1) * 1000 / N - 1 that LCMScheduler's original_inference_steps samples)")
     if m.name == "pad":
         _check_pad(m)
     if m.name in ("vae",) and cfg.data.kind == "latents":

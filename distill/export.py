@@ -143,7 +143,9 @@ def _export_single_file(config: dict, state: dict[str, torch.Tensor], out: Path,
 # -- the model card --------------------------------------------------------------------------------------------
 def _scheduler_code(info: dict) -> str:
     if info["scheduler"] == "LCMScheduler":
-        return "pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)"
+        n = int(info.get("original_inference_steps", 50))
+        extra = f", original_inference_steps={n}" if n != 50 else ""
+        return f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{extra})"
     sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
     extra = ', prediction_type="sample"' if sample else ""
     return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
@@ -231,7 +233,8 @@ In `distill`: `distill.export.load_export("EXPORT_DIR", "{teacher}")` returns th
 
 def _scheduler_desc(info: dict) -> str:
     if info["scheduler"] == "LCMScheduler":
-        return "LCMScheduler from the teacher's scheduler config"
+        return (f"LCMScheduler from the teacher's scheduler config, original_inference_steps="
+                f"{int(info.get('original_inference_steps', 50))}")
     sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
     return 'EulerDiscreteScheduler, timestep_spacing="trailing"' + (', prediction_type="sample"' if sample else "")
 
@@ -243,7 +246,8 @@ def make_scheduler(info: dict, base_config: dict):
 
     name = info["scheduler"]
     if name == "LCMScheduler":
-        return LCMScheduler.from_config(base_config)
+        return LCMScheduler.from_config(base_config,
+                                        original_inference_steps=int(info.get("original_inference_steps", 50)))
     if name.startswith("EulerDiscreteScheduler-trailing"):
         kw = {"timestep_spacing": "trailing"}
         if name.endswith("-sample") or info.get("prediction_type") == "sample":

@@ -83,9 +83,8 @@ def run(cfg: DictConfig) -> Path:
         acc.project_configuration.logging_dir = str(run_dir / "logs")
     from accelerate.utils import set_seed
 
-    from distill.trainer import Trainer
-
     from distill.methods import METHOD_CLASSES
+    from distill.trainer import Trainer
 
     stages = METHOD_CLASSES[cfg.method.name].stages(cfg, run_dir)
     try:

@@ -354,9 +354,15 @@ def test_trained_run_exports_end_to_end(tiny_data, tmp_path):
 
     run = train(["+experiment=lcm_tiny", "+debug=fast", f"output_dir={tmp_path}/run",
                  "trainer.validation_prompts=[]", "data.batch_size=2", "trainer.export_dtype=fp32",
-                 "method.w_embedding_dim=32"])
+                 "method.w_embedding_dim=32", "method.num_ddim_timesteps=20", "method.w_min=2", "method.w_max=8",
+                 "method.inference_w=4"])
     trained_info = json.loads((run / "export" / "export.json").read_text())
-    assert trained_info["method"] == "lcd" and trained_info["single_file_baked_w"] > 0
+    assert trained_info["method"] == "lcd" and trained_info["single_file_baked_w"] == 4.0
+    # the skip grid it was trained on travels to the card and to the scheduler load_export builds
+    assert trained_info["original_inference_steps"] == 20 and trained_info["guidance_scale"] == 5.0
+    assert "LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=20)" in (
+        run / "export" / "README.md").read_text()
+    assert load_export(run / "export").scheduler.config.original_inference_steps == 20
     main(["--run", str(run), "--out", str(tmp_path / "cli")])
     trained, cli = (load_file(str(d / "unet.safetensors")) for d in (run / "export", tmp_path / "cli"))
     assert "time_embedding.cond_proj.weight" in cli and trained.keys() == cli.keys()

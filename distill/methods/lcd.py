@@ -117,7 +117,7 @@ class LCD(Method):
     # -- sampling and export -----------------------------------------------------------------------------
     def inference_w(self) -> float:
         m = self.cfg.method
-        return min(max(7.5, m.w_min), m.w_max)
+        return float(m.inference_w) if m.inference_w is not None else min(max(7.5, m.w_min), m.w_max)
 
     @torch.no_grad()
     def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
@@ -125,7 +125,8 @@ class LCD(Method):
         was_training = self.student.training
         self.student.eval()
         try:
-            return sample_lcm(self.student, noise, self._cond(cond, w), self.schedule, num_steps, seeds)
+            return sample_lcm(self.student, noise, self._cond(cond, w), self.schedule, num_steps, seeds,
+                              original_inference_steps=self.cfg.method.num_ddim_timesteps)
         finally:
             self.student.train(was_training)
 
@@ -133,7 +134,10 @@ class LCD(Method):
         from distill.export import export_student
 
         info = {"method": "lcd" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "scheduler": "LCMScheduler", "steps": [1, 2, 4, 8], "guidance_scale": self.inference_w() + 1.0
-                if not self.lora else 1.0, "arch": self.comps.arch}
+                "scheduler": "LCMScheduler",
+                "steps": [n for n in (1, 2, 4, 8) if n <= self.cfg.method.num_ddim_timesteps], "guidance_scale": self.inference_w() + 1.0
+                if not self.lora else 1.0, "arch": self.comps.arch,
+                # the skip grid it was trained on: LCMScheduler(original_inference_steps=N) samples from it
+                "original_inference_steps": int(self.cfg.method.num_ddim_timesteps)}
         export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info,
                        base_path=self.comps.path)
