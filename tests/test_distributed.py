@@ -24,7 +24,8 @@ SELF = str(Path(__file__).resolve())
 # and rank r of 2 reads shards order[r::2], so step s of a 2 x 2 run sees exactly the samples of step s of a 1 x 4
 # run (the shard order is a function of (seed, epoch) only). Per-sample seeds make the noise, t and w per sample.
 COMMON = ["+experiment=lcm_lora_tiny", "+debug=fast", "trainer.validation_prompts=[]", "trainer.export_at_end=false",
-          "data.shuffle_buffer=0", "data.num_workers=0", "trainer.checkpoint_every_steps=100"]
+          "data.shuffle_buffer=0", "data.num_workers=0", "trainer.checkpoint_every_steps=100",
+          "optim.scheduler=constant"]  # runs stopped by max_steps and resumed: a cosine LR would depend on max_steps
 STEPS = 4  # two epochs
 
 
