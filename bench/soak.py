@@ -42,6 +42,11 @@ def _cmd(args, out: Path, resume: bool) -> list[str]:
     return cmd
 
 
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=f)
+
+
 def _env(extra: dict | None = None) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             **(extra or {})}
@@ -94,8 +99,7 @@ def validate_checkpoints(out: Path) -> tuple[int, list[str]]:
 
 
 def uninterrupted(args, out: Path, record: dict) -> None:
-    proc = subprocess.Popen(_cmd(args, out, False), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=open(out.parent / "uninterrupted.log", "w"))
+    proc = _start(_cmd(args, out, False), _env(), out.parent / "uninterrupted.log")
     ps, t0, rss = psutil.Process(proc.pid), time.time(), []
     while proc.poll() is None:
         try:
@@ -113,8 +117,7 @@ def killed(args, out: Path, record: dict) -> None:
         mid_checkpoint = len(kills) < args.kills and len(kills) % 3 == 2
         env = _env({"DISTILL_FAULT_SLEEP_IN_CHECKPOINT": "3"} if mid_checkpoint else None)
         resume = (out / "checkpoints").exists()
-        proc = subprocess.Popen(_cmd(args, out, resume), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                stderr=open(out.parent / f"killed_{starts}.log", "w"))
+        proc = _start(_cmd(args, out, resume), env, out.parent / f"killed_{starts}.log")
         starts += 1
         if len(kills) >= args.kills:
             proc.wait()

@@ -7,8 +7,9 @@ tensors exist only inside a forward (DeepSpeed's hooks gather them, on every ran
 - Frozen parts (teacher, VAE, text encoders) are loaded whole on every rank: Accelerate registers the stage-3 config
   with transformers, which would otherwise build them partitioned (`no_zero3_init`). Only what trains is partitioned
   (by `accelerator.prepare`).
-- Code that reads weights outside a forward (EMA update, export, the non-finite check) gathers them first, on every
-  rank (`gathered`).
+- Code that reads whole weights outside a forward (EMA update, export) gathers them first, on every rank
+  (`gathered`); a check that can work on slices (the trainer's non-finite check) reads each rank's `ds_tensor` and
+  all-reduces the verdict.
 - A forward of a partitioned module runs on every rank or on none (validation samples on all ranks, rank 0 saves).
 """
 

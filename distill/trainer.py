@@ -232,6 +232,13 @@ class Trainer:
         t = self.acc.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist()))
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (an all-reduce when there are several): for decisions all must share."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+
     def loader_counters(self) -> dict[str, int]:
         counters = self.loader.counters() if hasattr(self.loader, "counters") else {}
         if self.acc.num_processes > 1 and counters:
@@ -245,9 +252,7 @@ class Trainer:
         """Checkpoint, unless the weights are no longer finite (then the last good checkpoint stays the latest)."""
         params = [getattr(p, "ds_tensor", p) for p in self.trained_params()]  # ZeRO-3: this rank's slice
         finite = bool(torch.stack([torch.isfinite(n) for n in torch._foreach_norm(params)]).all()) if params else True
-        if self.acc.num_processes > 1:  # all ranks decide together (under ZeRO-3 each sees only its slice)
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            finite = bool(self.acc.reduce(flag, reduction="sum").item() == 0)
+        finite = not self.any_rank(not finite)  # all ranks decide together (under ZeRO-3 each sees only its slice)
         if self.nonfinite_in_a_row or not finite:
             self.counters["skipped_checkpoints"] = self.counters.get("skipped_checkpoints", 0) + 1
             self.tracker.print(f"step {self.step}: not checkpointing non-finite weights")
@@ -348,10 +353,7 @@ class Trainer:
 
     def preempt_requested(self) -> bool:
         """Whether any rank got a preemption signal: one all-reduce per step keeps the ranks stopping together."""
-        if self.acc.num_processes == 1:
-            return self.preempt_signal is not None
-        flag = torch.tensor([0.0 if self.preempt_signal is None else 1.0], device=self.device)
-        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
+        return self.any_rank(self.preempt_signal is not None)
 
     def stop_preempted(self) -> None:
         """Save, then hand the signal to whoever handled it before (submitit requeues the job), then stop."""

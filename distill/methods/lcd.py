@@ -126,18 +126,17 @@ class LCD(Method):
         self.student.eval()
         try:
             return sample_lcm(self.student, noise, self._cond(cond, w), self.schedule, num_steps, seeds,
-                              original_inference_steps=self.cfg.method.num_ddim_timesteps)
+                              original_inference_steps=len(self.grid))
         finally:
             self.student.train(was_training)
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from distill.export import export_student
 
+        n_grid = len(self.grid)  # the skip grid it was trained on: LCMScheduler(original_inference_steps=N) samples it
         info = {"method": "lcd" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "scheduler": "LCMScheduler",
-                "steps": [n for n in (1, 2, 4, 8) if n <= self.cfg.method.num_ddim_timesteps], "guidance_scale": self.inference_w() + 1.0
-                if not self.lora else 1.0, "arch": self.comps.arch,
-                # the skip grid it was trained on: LCMScheduler(original_inference_steps=N) samples from it
-                "original_inference_steps": int(self.cfg.method.num_ddim_timesteps)}
+                "scheduler": "LCMScheduler", "steps": [n for n in (1, 2, 4, 8) if n <= n_grid],
+                "guidance_scale": 1.0 if self.lora else self.inference_w() + 1.0, "arch": self.comps.arch,
+                "original_inference_steps": n_grid}
         export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info,
                        base_path=self.comps.path)
