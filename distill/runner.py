@@ -58,24 +58,10 @@ def check_run_dir(run_dir: Path, min_free_mb: float = 64.0) -> None:
         raise RunDirError(f"output_dir={str(run_dir)!r} has only {free_mb:.1f} MiB free")
 
 
-def check_parallelism(cfg: DictConfig, acc: Accelerator) -> None:
-    """What the launcher chose must suit the method: say so at start, not after the first stages have trained."""
-    from accelerate.utils import DistributedType
-
-    from distill.config import ConfigError
-
-    if acc.distributed_type == DistributedType.DEEPSPEED and cfg.method.name == "pad" and any(
-            st.objective == "adversarial" for st in cfg.method.stages):
-        raise ConfigError("method=pad has adversarial stages (two models, two optimizers: student and "
-                          "discriminator), which one DeepSpeed engine cannot train; launch it with DDP "
-                          "(launch/accelerate/ddp.yaml or multi_node.yaml) instead of a DeepSpeed config")
-
-
 def run(cfg: DictConfig) -> Path:
     """Train according to a composed Hydra config; returns the run folder."""
     cfg = validate(cfg)
     acc = make_accelerator(cfg)
-    check_parallelism(cfg, acc)
     run_dir = shared_run_dir(cfg, acc)
     cfg.output_dir = str(run_dir)
     check_run_dir(run_dir)

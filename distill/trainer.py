@@ -3,7 +3,9 @@ accumulation, clipping, checkpoints, logging, validation and export live here an
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import signal  # scale-out (issue 9): preemption signals
 import threading
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -26,6 +29,15 @@ from distill.tracking import Tracker
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -38,6 +50,16 @@ PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; exit status 0 (the job script requeues)."""
+
+
+def _nan_fault() -> tuple[int, int] | None:
+    """Testing hook: DISTILL_FAULT_NAN_LOSS=STEP[@RANK] makes the loss of that step (1-based) NaN on that rank (0 by
+    default), so the fault tests can check that all ranks skip the step together. Unset in normal runs."""
+    spec = os.environ.get("DISTILL_FAULT_NAN_LOSS")
+    if not spec:
+        return None
+    step, _, rank = spec.partition("@")
+    return int(step), int(rank or 0)
 
 
 def frozen_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
@@ -74,6 +96,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
+        self.nan_fault = _nan_fault()
         self.tracker = Tracker(cfg, run_dir, accelerator)  # the tracker is per stage
         self.build()
         self.install_preempt_handlers()  # scale-out (issue 9)
@@ -113,13 +136,47 @@ class Trainer:
                                ("gradient_clipping", cfg.optim.max_grad_norm)):
                 if ds.is_auto(key):
                     ds.deepspeed_config[key] = value
-        prepared = acc.prepare(*[self.method.modules[n] for n in names], *self.optimizers)
-        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
-        self.optimizers = list(prepared[len(names):])
+        # engines[i]: the DeepSpeed engine that owns optimizer i (None without DeepSpeed)
+        self.engines: list = [None] * len(self.optimizers)
+        if acc.distributed_type == DistributedType.DEEPSPEED:
+            self.prepare_engines(names)
+        else:
+            prepared = acc.prepare(*[self.method.modules[n] for n in names], *self.optimizers)
+            prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+            self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
+            self.optimizers = list(prepared[len(names):])
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
         self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
                                    seed=cfg.trainer.seed)
+
+    def prepare_engines(self, names: list[str]) -> None:
+        """scale-out (issue 9): one DeepSpeed engine per trained module, each with the optimizer of its parameters.
+        Accelerate's prepare turns every module of one call into the same engine and drives only one engine in
+        `backward`, so a method with two models and two optimizers (PAD: student and discriminator) is prepared
+        pair by pair here, and `train_step` runs each engine's backward and step itself."""
+        acc = self.acc
+        owned = {n: {id(p) for p in self.method.modules[n].parameters()} for n in names}
+        pairs: dict[str, int] = {}
+        for i, opt in enumerate(self.optimizers):
+            ids = {id(p) for g in opt.param_groups for p in g["params"]}
+            owner = [n for n in names if ids <= owned[n]]
+            if len(owner) != 1 or owner[0] in pairs:
+                raise ValueError(f"DeepSpeed needs one optimizer per trained module; optimizer "
+                                 f"{self.method.optimizer_names[i]!r} updates {owner or 'no single module'}")
+            pairs[owner[0]] = i
+        if set(pairs) != set(names):
+            raise ValueError(f"DeepSpeed needs an optimizer for every trained module: {sorted(set(names) - set(pairs))}")
+        wrapped = {}
+        quiet = _DropMessage("wrapped DeepSpeed engine reference")  # Accelerate warns from the 2nd engine on:
+        logging.getLogger("accelerate.accelerator").addFilter(quiet)  # we never call its backward under DeepSpeed
+        try:
+            for n in names:  # in the modules' order: checkpoints name the first one model.safetensors
+                i = pairs[n]
+                wrapped[n], self.optimizers[i] = acc.prepare(self.method.modules[n], self.optimizers[i])
+                self.engines[i] = wrapped[n]
+        finally:
+            logging.getLogger("accelerate.accelerator").removeFilter(quiet)
+        self.method.set_prepared(wrapped)
 
     def trained_params(self, optimizers: list | None = None) -> list[torch.Tensor]:
         """The parameters the optimizers update (all of them, or those of `optimizers`)."""
@@ -191,12 +248,35 @@ class Trainer:
             oi = self.method.optimizer_names.index(phase)
             opt, sched = self.optimizers[oi], self.schedulers[oi]
             params = [p for p in self.trained_params([opt]) if p.requires_grad]
+            engine, backed = self.engines[oi], False
             for batch in batches:
                 with acc.accumulate(*self.method.modules.values()):
                     out = self.method.losses(batch, phase, self.step)
-                    acc.backward(out["loss"])
+                    if self.nan_fault == (self.step + 1, acc.process_index):  # testing hook, see _nan_fault
+                        out["loss"] = out["loss"] * float("nan")
                     for k, v in out.items():
                         logs[f"train/{k}" if phase == "g" else f"train/{phase}_{k}"] = float(v.detach())
+                    if engine is not None:  # DeepSpeed: the engine applies the step inside its backward
+                        loss = out["loss"]
+                        if self.any_rank(not bool(torch.isfinite(loss.detach()).all())):  # before backward
+                            self.counters["nonfinite_microbatches"] = self.counters.get("nonfinite_microbatches", 0) + 1
+                            if not acc.sync_gradients:
+                                continue  # dropped from the step; the boundary micro-batch decides the step
+                            if not backed:  # nothing back-propagated this step: skip it, the engine is untouched
+                                self.on_nonfinite(logs)
+                                return logs
+                            trained = [p for p in engine.module.parameters() if p.requires_grad]
+                            loss = sum(p.sum() for p in trained) * 0.0  # zero gradient: step on the finite ones
+                        norm = self.engine_backward(engine, loss)
+                        backed = True
+                        if norm is not None:
+                            sched.step()
+                            logs[f"train/grad_norm_{phase}"] = norm
+                            if not math.isfinite(norm):  # seen only after the engine stepped: counted as skipped
+                                self.on_nonfinite(logs)
+                                return logs
+                        continue
+                    acc.backward(out["loss"])
                     if acc.sync_gradients:
                         max_norm = cfg.optim.max_grad_norm
                         norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -213,6 +293,22 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.method.after_step(self.step + 1)
         return logs
+
+    def engine_backward(self, engine, loss: torch.Tensor) -> float | None:
+        """Backward of one DeepSpeed engine and, at the accumulation boundary, its step (clipping included, from
+        the DeepSpeed config); returns the gradient norm after a step, None between micro-batches.
+        The engine steps inside, so `train_step` has all ranks agree on the loss's finiteness BEFORE this call:
+        a non-finite loss never reaches the weights. Without accumulation that skips the step, as under DDP; with
+        accumulation a bad micro-batch is dropped and the step is made of the finite ones (the engine already holds
+        their gradients). A finite loss with a non-finite gradient is seen only after the step: it is counted."""
+        boundary = self.acc.sync_gradients
+        engine.set_gradient_accumulation_boundary(is_boundary=boundary)
+        engine.backward(loss)
+        if not boundary:
+            return None
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
 
     def on_nonfinite(self, logs: dict[str, float]) -> None:
         self.counters["nonfinite_steps"] += 1
