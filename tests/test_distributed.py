@@ -74,6 +74,21 @@ def lora_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items() if "lora" in k}
 
 
+def deepspeed_resumed_and_ddp(tmp_path: Path, base: list[str], zero: int) -> tuple[Path, Path]:
+    """A DeepSpeed ZeRO-`zero` run (gloo, 2 ranks) of 2 steps resumed to 3 with export and a validation grid, and a
+    DDP run of the same 3 steps: (DeepSpeed run folder, DDP run folder)."""
+    ds = ["--config_file", str(ROOT / f"launch/accelerate/deepspeed_zero{zero}.yaml"), "--num_processes", "2"]
+    env = {"ACCELERATE_USE_CPU": "false"}
+    run, ddp = tmp_path / f"zero{zero}", tmp_path / "ddp"
+    launch(run, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=2"], procs=2, extra=ds, env=env)
+    log = launch(run, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=3", "resume=latest",
+                       "trainer.export_at_end=true", "trainer.validation_prompts=[a red circle on a black background]"],
+                 procs=2, extra=ds, env=env)
+    assert "at step 2" in log, log[-3000:]
+    launch(ddp, [*base, "trainer.max_steps=3"], procs=2)
+    return run, ddp
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys() and a
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -149,16 +164,8 @@ def test_deepspeed_zero3_full_lcd_and_lora_train_like_ddp_resume_and_export(eq_s
     env = {"ACCELERATE_USE_CPU": "false"}
     full = [c if c != "+experiment=lcm_lora_tiny" else "+experiment=lcm_tiny" for c in COMMON]
     base = [*full, f"data.shards='{eq_shards}'", "data.batch_size=2", "optim.eps=1e-3"]
-    z3 = tmp_path / "z3"
-    launch(z3, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=2", "trainer.checkpoint_every_steps=1"],
-           procs=2, extra=ds, env=env)
+    z3, ddp = deepspeed_resumed_and_ddp(tmp_path, [*base, "trainer.checkpoint_every_steps=1"], zero=3)
     assert (z3 / "checkpoints/step_2/pytorch_model").is_dir(), "ZeRO-3 engine shards missing"
-    log = launch(z3, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=3", "resume=latest",
-                      "trainer.export_at_end=true", "trainer.validation_prompts=[a red circle on a black background]"],
-                 procs=2, extra=ds, env=env)
-    assert "at step 2" in log, log[-3000:]
-    ddp = tmp_path / "ddp"
-    launch(ddp, [*base, "trainer.max_steps=3"], procs=2)
 
     def state(run: Path, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(run / "checkpoints/step_3" / name))
@@ -226,19 +233,10 @@ def test_deepspeed_pad_student_and_discriminator_train_like_ddp_resume_and_expor
                     lora="true", max_steps=3, lr=1e-3) if zero == 2 else
              _stage(name="s2", student_steps=2, teacher_steps_per_student_step=2, discriminator="unconditional",
                     lora="false", max_steps=3))
-    ds = ["--config_file", str(ROOT / f"launch/accelerate/deepspeed_zero{zero}.yaml"), "--num_processes", "2"]
-    env = {"ACCELERATE_USE_CPU": "false"}
     base = ["+experiment=lightning_tiny", "+debug=fast", "trainer.validation_prompts=[]", "trainer.export_at_end=false",
             "data.shuffle_buffer=0", "data.num_workers=0", "optim.scheduler=constant", "optim.eps=1e-3",
             "method.d_head_channels=8", f"data.shards='{eq_shards}'", "data.batch_size=2", f"method.stages=[{stage}]"]
-    z = tmp_path / f"zero{zero}"
-    launch(z, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=2"], procs=2, extra=ds, env=env)
-    log = launch(z, [*base, "trainer.deepspeed_gloo=true", "trainer.max_steps=3", "resume=latest",
-                     "trainer.export_at_end=true", "trainer.validation_prompts=[a red circle on a black background]"],
-                 procs=2, extra=ds, env=env)
-    assert "at step 2" in log, log[-3000:]
-    ddp = tmp_path / "ddp"
-    launch(ddp, [*base, "trainer.max_steps=3"], procs=2)
+    z, ddp = deepspeed_resumed_and_ddp(tmp_path, base, zero)
 
     def update(run: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(weights at step 3, their change from step 1), trained tensors only."""
