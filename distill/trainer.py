@@ -52,14 +52,16 @@ class Preempted(SystemExit):
     """Raised after the preemption checkpoint is written; exit status 0 (the job script requeues)."""
 
 
-def _nan_fault() -> tuple[int, int] | None:
-    """Testing hook: DISTILL_FAULT_NAN_LOSS=STEP[@RANK] makes the loss of that step (1-based) NaN on that rank (0 by
-    default), so the fault tests can check that all ranks skip the step together. Unset in normal runs."""
+def _nan_fault() -> tuple[int, int, int | None] | None:
+    """Testing hook: DISTILL_FAULT_NAN_LOSS=STEP[@RANK][/MICRO] makes the loss of that step (1-based) NaN on that
+    rank (default 0), in every micro-batch or only micro-batch MICRO (0-based), so the fault tests can check that
+    all ranks skip the step together. Unset in normal runs."""
     spec = os.environ.get("DISTILL_FAULT_NAN_LOSS")
     if not spec:
         return None
+    spec, _, micro = spec.partition("/")
     step, _, rank = spec.partition("@")
-    return int(step), int(rank or 0)
+    return int(step), int(rank or 0), int(micro) if micro else None
 
 
 def frozen_dtype(cfg: DictConfig, device: torch.device) -> torch.dtype:
@@ -249,10 +251,11 @@ class Trainer:
             opt, sched = self.optimizers[oi], self.schedulers[oi]
             params = [p for p in self.trained_params([opt]) if p.requires_grad]
             engine, backed = self.engines[oi], False
-            for batch in batches:
+            for micro, batch in enumerate(batches):
                 with acc.accumulate(*self.method.modules.values()):
                     out = self.method.losses(batch, phase, self.step)
-                    if self.nan_fault == (self.step + 1, acc.process_index):  # testing hook, see _nan_fault
+                    if self.nan_fault and self.nan_fault[:2] == (self.step + 1, acc.process_index) and \
+                            self.nan_fault[2] in (None, micro):  # testing hook, see _nan_fault
                         out["loss"] = out["loss"] * float("nan")
                     for k, v in out.items():
                         logs[f"train/{k}" if phase == "g" else f"train/{phase}_{k}"] = float(v.detach())

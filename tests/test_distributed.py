@@ -211,6 +211,15 @@ def test_deepspeed_skips_a_step_whose_loss_is_nan_on_one_rank_like_ddp(eq_shards
     assert all(torch.isfinite(v).all() for v in a.values())
     assert max_diff(a, b) < 1e-7, f"DeepSpeed vs DDP with the same NaN step: {max_diff(a, b):.3g}"
     assert max_diff(b, c) > 1e-6, "the NaN step was skipped: two updates, not three"
+    # With accumulation, a NaN in the last micro-batch of a step after a finite one: that micro-batch is dropped and
+    # the engine steps on the gradient it already holds (counted; the step is not skipped).
+    acc = tmp_path / "accum"
+    launch(acc, [*base, "trainer.deepspeed_gloo=true", "trainer.gradient_accumulation_steps=2", "data.batch_size=1"],
+           procs=2, extra=ds, env={"ACCELERATE_USE_CPU": "false", "DISTILL_FAULT_NAN_LOSS": "2@1/1"})
+    last = json.loads((acc / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["train/nonfinite_microbatches"] == 1 and last["train/nonfinite_steps"] == 0
+    d = lora_weights(acc, 3)
+    assert all(torch.isfinite(v).all() for v in d.values()) and max_diff(d, c) > 1e-6
 
 def _stage(**kw) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in kw.items()) + "}"
