@@ -83,9 +83,26 @@ def test_discriminator_is_a_trainable_copy_of_the_encoder_with_one_logit_per_sam
         assert logits.shape == (2 * b,)
         logits.sum().backward()
         assert x_s.grad.abs().sum() > 0 and d.backbone.conv_in.weight.grad.abs().sum() > 0
+        # the logit depends on the candidate: a head whose last GroupNorm normalised single values (one channel per
+        # group at 1x1) returned its bias for every input, the same logit for real and fake to 6 digits
+        other = torch.randn_like(x_s)
+        moved = d(other, torch.cat([t, t]), cond, x, t) if conditional else d(other, torch.cat([t, t]), cond)
+        assert (moved - logits).abs().max() > 1e-2, "the discriminator ignores its input"
+        assert x_s.grad.abs().max() > 1e-3
     assert isinstance(d.head[-1], torch.nn.Conv2d) and d.head[-1].out_channels == 1
     convs = [m for m in d.head if isinstance(m, torch.nn.Conv2d)]
     assert [c.kernel_size for c in convs[:-1]] == [(4, 4)] * 3 and all(c.stride == (2, 2) for c in convs[:-1])
+
+
+def test_head_group_norm_never_normalises_too_few_values():
+    from distill.methods.discriminator import norm_groups
+
+    assert norm_groups(1280, 1) == 32 and norm_groups(32, 4) == 32  # wide, or enough spatial values: 32 groups
+    assert norm_groups(256, 1) == 16 and norm_groups(32, 1) == 2 and norm_groups(16, 1) == 1
+    for width in (8, 16, 32, 64, 256, 1280):
+        for side in (1, 2, 4, 8):
+            g = norm_groups(width, side)
+            assert width % g == 0 and ((width // g) * side * side >= 16 or g == 1)
 
 
 # -- stage resolution and validation -------------------------------------------------------------------------

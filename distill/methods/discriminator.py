@@ -87,13 +87,26 @@ def head_blocks(mid_size: int) -> int:
     return n
 
 
-def make_head(in_channels: int, width: int, num_blocks: int) -> nn.Sequential:
+def norm_groups(width: int, spatial: int, min_elements: int = 16) -> int:
+    """GroupNorm groups for `width` channels on a spatial x spatial map: 32 when each group then normalises at least
+    `min_elements` values, fewer otherwise. At 1x1 with one channel per group (32 groups of a 32-wide head) every
+    group is a single value, which GroupNorm maps to 0: the block's output would be its bias whatever the input,
+    a discriminator blind to its input (real and fake logits equal) and no gradient for the generator."""
+    g = math.gcd(32, width)
+    while g > 1 and (width // g) * spatial * spatial < min_elements:
+        g //= 2
+    return g
+
+
+def make_head(in_channels: int, width: int, num_blocks: int, mid_size: int) -> nn.Sequential:
     """[Conv 4x4 s2, GroupNorm, SiLU] x num_blocks, then Conv 1x1 to one channel (the paper's head; DMD2's SDXL
-    head is an instance). GroupNorm uses 32 groups when the width allows (fewer for tiny widths)."""
+    head is an instance). GroupNorm uses 32 groups unless a group would normalise fewer than 16 values (see
+    `norm_groups`: late blocks of narrow heads use fewer groups)."""
     layers: list[nn.Module] = []
-    c = in_channels
+    c, size = in_channels, mid_size
     for _ in range(num_blocks):
-        layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU()]
+        size = max(1, size // 2)
+        layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.GroupNorm(norm_groups(width, size), width), nn.SiLU()]
         c = width
     layers.append(nn.Conv2d(c, 1, 1))
     return nn.Sequential(*layers)
@@ -113,7 +126,7 @@ class Discriminator(nn.Module):
         self.conditional = conditional
         c = self.backbone.out_channels * (2 if conditional else 1)
         mid = max(1, latent_size // self.backbone.downsample_factor)
-        self.head = make_head(c, head_channels, head_blocks(mid))
+        self.head = make_head(c, head_channels, head_blocks(mid), mid)
         self.float().requires_grad_(True).train()
 
     def forward(self, x_s: Tensor, s: Tensor, cond: UNetCond, x_t: Tensor | None = None,
