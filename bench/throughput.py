@@ -49,7 +49,7 @@ from distill.models import Components, load_components
 from distill.models.adapters import adapters_disabled
 from distill.models.tiny import SDXL_SCHEDULER
 from distill.runner import make_accelerator
-from distill.trainer import Trainer, frozen_dtype, lr_lambda
+from distill.trainer import Trainer, frozen_dtype
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 Fn = Callable[[], object]
@@ -182,26 +182,17 @@ def sdxl_components(device: torch.device, dtype: torch.dtype, path: str) -> Comp
 
 class BenchTrainer(Trainer):
     """The real Trainer (its train_step is what is timed) on in-memory components: no data loader, no
-    checkpoints. `build` repeats the method / optimizer / prepare part of Trainer.build."""
+    checkpoints. `build` runs the method / optimizer / prepare part of Trainer.build."""
 
     def __init__(self, cfg, accelerator, run_dir: Path, comps: Components):
         self._bench_comps = comps
         super().__init__(cfg, accelerator, run_dir)
 
     def build(self) -> None:
-        cfg, acc = self.cfg, self.acc
         self.comps = self._bench_comps
-        self.method = build_method(cfg, self.comps, self.device)
-        opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-        o = cfg.optim
-        self.optimizers = [opt_cls(g, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-                           for g in self.method.param_groups()]
-        names = list(self.method.modules)
-        prepared = acc.prepare(*[self.method.modules[n] for n in names], *self.optimizers)
-        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
-        self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
-        self.optimizers = list(prepared[len(names):])
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
+        self.method = build_method(self.cfg, self.comps, self.device)
+        self.make_optimizers()
+        self.prepare()
 
 
 def synthetic_batch(unet_config, batch: int, latent: int, resolution: int, device: torch.device) -> Batch:

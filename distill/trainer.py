@@ -119,27 +119,35 @@ class Trainer:
             self.comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, dtype=dtype, device=self.device,
                                          parts=tuple(parts), revision=cfg.model.revision, variant=cfg.model.variant)
             self.method = build_method(cfg, self.comps, self.device)
-        self.optimizers, self.schedulers = [], []
-        for groups in self.method.param_groups():
-            opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-            opt = opt_cls(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                          weight_decay=cfg.optim.weight_decay)
-            self.optimizers.append(opt)
+        self.make_optimizers()
         # A checkpoint holds the trainable weights, two Adam moments and the method's extra state (EMA): check
         # there is room for one before the first step, not when the first save fails hours later. (Counted before
         # prepare: ZeRO-3 leaves each rank only a slice.)
         trainable = sum(p.numel() * p.element_size() for p in self.trained_params())
         extra = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
         self.ckpt_manager.check_writable(min_free_bytes=int(3 * trainable + extra) + (16 << 20))
-        names = list(self.method.modules)
         ds = acc.state.deepspeed_plugin  # scale-out (issue 9): the loader is not prepared, so DeepSpeed's "auto"
         if ds is not None:  # micro-batch and clipping cannot be inferred from it: fill them from this config
             for key, value in (("train_micro_batch_size_per_gpu", cfg.data.batch_size),
                                ("gradient_clipping", cfg.optim.max_grad_norm)):
                 if ds.is_auto(key):
                     ds.deepspeed_config[key] = value
-        # engines[i]: the DeepSpeed engine that owns optimizer i (None without DeepSpeed)
-        self.engines: list = [None] * len(self.optimizers)
+        self.prepare()
+        self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
+                                   seed=cfg.trainer.seed)
+
+    def make_optimizers(self) -> None:
+        """One optimizer per group list of the method (`optimizer_names` order)."""
+        o = self.cfg.optim
+        opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        self.optimizers = [opt_cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+                           for groups in self.method.param_groups()]
+
+    def prepare(self) -> None:
+        """Hand the method's modules and the optimizers to Accelerate (DDP, or one DeepSpeed engine per module), then
+        build the LR schedules on the prepared optimizers."""
+        acc, names = self.acc, list(self.method.modules)
+        self.engines: list = [None] * len(self.optimizers)  # [i]: the DeepSpeed engine of optimizer i
         if acc.distributed_type == DistributedType.DEEPSPEED:
             self.prepare_engines(names)
         else:
@@ -147,9 +155,7 @@ class Trainer:
             prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
             self.method.set_prepared(dict(zip(names, prepared[: len(names)])))
             self.optimizers = list(prepared[len(names):])
-        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)) for o in self.optimizers]
-        self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
-                                   seed=cfg.trainer.seed)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(self.cfg)) for o in self.optimizers]
 
     def prepare_engines(self, names: list[str]) -> None:
         """scale-out (issue 9): one DeepSpeed engine per trained module, each with the optimizer of its parameters.
