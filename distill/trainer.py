@@ -29,15 +29,6 @@ from distill.tracking import Tracker
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
@@ -175,8 +166,10 @@ class Trainer:
         if set(pairs) != set(names):
             raise ValueError(f"DeepSpeed needs an optimizer for every trained module: {sorted(set(names) - set(pairs))}")
         wrapped = {}
-        quiet = _DropMessage("wrapped DeepSpeed engine reference")  # Accelerate warns from the 2nd engine on:
-        logging.getLogger("accelerate.accelerator").addFilter(quiet)  # we never call its backward under DeepSpeed
+        def quiet(record: logging.LogRecord) -> bool:  # Accelerate warns from the 2nd engine on that its backward
+            return "wrapped DeepSpeed engine reference" not in record.getMessage()  # drives one: we never call it
+
+        logging.getLogger("accelerate.accelerator").addFilter(quiet)
         try:
             for n in names:  # in the modules' order: checkpoints name the first one model.safetensors
                 i = pairs[n]
@@ -257,6 +250,7 @@ class Trainer:
             opt, sched = self.optimizers[oi], self.schedulers[oi]
             params = [p for p in self.trained_params([opt]) if p.requires_grad]
             engine, backed = self.engines[oi], False
+            prefix = "train/" if phase == "g" else f"train/{phase}_"
             for micro, batch in enumerate(batches):
                 with acc.accumulate(*self.method.modules.values()):
                     out = self.method.losses(batch, phase, self.step)
@@ -264,10 +258,10 @@ class Trainer:
                             self.nan_fault[2] in (None, micro):  # testing hook, see _nan_fault
                         out["loss"] = out["loss"] * float("nan")
                     for k, v in out.items():
-                        logs[f"train/{k}" if phase == "g" else f"train/{phase}_{k}"] = float(v.detach())
+                        logs[prefix + k] = float(v.detach())
                     if engine is not None:  # DeepSpeed: the engine applies the step inside its backward
-                        loss = out["loss"]
-                        if self.any_rank(not bool(torch.isfinite(loss.detach()).all())):  # before backward
+                        loss = out["loss"]  # its finiteness agreed by all ranks before backward (logged value)
+                        if self.any_rank(not math.isfinite(logs[prefix + "loss"])):
                             self.counters["nonfinite_microbatches"] = self.counters.get("nonfinite_microbatches", 0) + 1
                             if not acc.sync_gradients:
                                 continue  # dropped from the step; the boundary micro-batch decides the step
