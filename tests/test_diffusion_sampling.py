@@ -128,9 +128,12 @@ def test_teacher_guidance_scale_one_runs_cond_only():
     assert unet.calls == [noise.shape[0]] * 4
 
 
-def _diffusers_lcm(unet, noise, cond, n, generator, dtype):
+def _diffusers_lcm(unet, noise, cond, n, generator, dtype, timesteps=None):
     sched = LCMScheduler.from_config(SDXL)
-    sched.set_timesteps(n, original_inference_steps=50)
+    if timesteps is None:
+        sched.set_timesteps(n, original_inference_steps=50)
+    else:
+        sched.set_timesteps(timesteps=timesteps, original_inference_steps=50)
     x = noise
     for t in sched.timesteps:
         x, denoised = sched.step(
@@ -161,6 +164,23 @@ def test_lcm_sampling_matches_lcm_scheduler(dtype, tol, n):
         unet, noise, cond, NoiseSchedule.from_config(SDXL), n, torch.Generator().manual_seed(0)
     )
     assert _rel(ours1, ref1) < tol
+
+
+def test_lcm_sampling_explicit_timesteps_match_lcm_scheduler():
+    """`timesteps=` is LCMScheduler.set_timesteps(timesteps=...): a custom descending list of skip-grid points."""
+    unet = FakeUNet(2)
+    _, cond = _inputs(torch.float32)
+    seeds = [3, 4, 5]
+    noise = seeded_noise(seeds, (3, 4, 6, 6))
+    ts = [999, 679, 339, 19]
+    ref = _diffusers_lcm(unet, noise, cond, None, torch.Generator().manual_seed(0), torch.float32, timesteps=ts)
+    ours = sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 4, torch.Generator().manual_seed(0),
+                      timesteps=ts)
+    assert _rel(ours, ref) < 1e-5, _rel(ours, ref)
+    default = sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 4, torch.Generator().manual_seed(0))
+    assert _rel(ours, default) > 1e-3  # not the default 999, 759, 499, 259
+    with pytest.raises(ValueError, match="descending"):
+        sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 2, seeds, timesteps=[19, 999])
 
 
 def test_lcm_sample_does_not_depend_on_batch():

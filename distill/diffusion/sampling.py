@@ -178,19 +178,26 @@ def sample_lcm(
     seeds_or_generator: Sequence[int] | Generators,
     original_inference_steps: int = 50,
     timestep_cond: Tensor | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (LCM paper, Algorithm 3) with LCMScheduler semantics: at each t,
     denoised = c_skip(t) x_t + c_out(t) x0_hat; unless last, x_{t'} = add_noise(denoised, fresh noise, t'),
     t' the next LCM timestep. No CFG: guidance reaches an LCM through `timestep_cond` (the w-embedding,
     overriding cond.timestep_cond when given) or is baked in (LCM-LoRA). See `_StepNoise` for the
     noise source.
+
+    timesteps: explicit descending timesteps (num_steps is then their count), as
+    `LCMScheduler.set_timesteps(timesteps=...)` / the pipeline's `timesteps=` argument (points of the skip grid).
     """
     if timestep_cond is not None:
         cond = replace(cond, timestep_cond=timestep_cond)
     step_noise = _StepNoise(seeds_or_generator, noise)
-    timesteps = lcm_inference_timesteps(
-        num_steps, original_inference_steps, schedule.num_train_timesteps
-    ).tolist()
+    if timesteps is None:
+        timesteps = lcm_inference_timesteps(num_steps, original_inference_steps, schedule.num_train_timesteps).tolist()
+    else:
+        timesteps = [int(t) for t in timesteps]
+        if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+            raise ValueError(f"timesteps must be a non-empty strictly descending list, got {timesteps}")
     x = noise
     for i, t in enumerate(timesteps):
         tb = _batch_t(t, x)
