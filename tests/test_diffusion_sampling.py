@@ -181,6 +181,8 @@ def test_lcm_sampling_explicit_timesteps_match_lcm_scheduler():
     assert _rel(ours, default) > 1e-3  # not the default 999, 759, 499, 259
     with pytest.raises(ValueError, match="descending"):
         sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 2, seeds, timesteps=[19, 999])
+    with pytest.raises(ValueError, match="num_steps=2"):
+        sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 2, seeds, timesteps=ts)
 
 
 def test_lcm_sample_does_not_depend_on_batch():

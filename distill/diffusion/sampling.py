@@ -186,7 +186,7 @@ def sample_lcm(
     overriding cond.timestep_cond when given) or is baked in (LCM-LoRA). See `_StepNoise` for the
     noise source.
 
-    timesteps: explicit descending timesteps (num_steps is then their count), as
+    timesteps: explicit descending timesteps (num_steps must equal their count), as
     `LCMScheduler.set_timesteps(timesteps=...)` / the pipeline's `timesteps=` argument (points of the skip grid).
     """
     if timestep_cond is not None:
@@ -198,6 +198,8 @@ def sample_lcm(
         timesteps = [int(t) for t in timesteps]
         if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
             raise ValueError(f"timesteps must be a non-empty strictly descending list, got {timesteps}")
+        if len(timesteps) != num_steps:
+            raise ValueError(f"num_steps={num_steps} but {len(timesteps)} timesteps given: {timesteps}")
     x = noise
     for i, t in enumerate(timesteps):
         tb = _batch_t(t, x)

@@ -266,4 +266,3 @@ def lcm_inference_timesteps(
     grid = lcm_skip_grid(num_train_timesteps, orig).flip(0)
     idx = np.floor(np.linspace(0, orig, num=n, endpoint=False)).astype(np.int64)
     return grid[torch.from_numpy(idx)]
-
