@@ -248,8 +248,9 @@ class Trainer:
         for phase in self.method.phases(self.step):
             oi = self.method.optimizer_names.index(phase)
             opt, sched = self.optimizers[oi], self.schedulers[oi]
-            params = [p for p in self.trained_params([opt]) if p.requires_grad]
             engine, backed = self.engines[oi], False
+            # what DDP clips (a DeepSpeed engine clips inside its step)
+            params = [p for p in self.trained_params([opt]) if p.requires_grad] if engine is None else []
             prefix = "train/" if phase == "g" else f"train/{phase}_"
             for micro, batch in enumerate(batches):
                 with acc.accumulate(*self.method.modules.values()):
