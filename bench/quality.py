@@ -6,8 +6,11 @@ Metrics per row (same prompts and per-sample seeded noise in every row):
   fd        Frechet distance of the evaluator's features, generated vs held-out real images (lower is better)
   attr_acc  fraction of images whose colour, shape and background all match the prompt (prompt adherence)
   mse_t50   mean per-sample pixel MSE to the teacher's 50-step DDIM image from the same noise and prompt
-The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form). Students sample the way their
-export's model card says (LCMScheduler or Euler trailing), using the exported (fused) UNet.
+The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form; `--teacher-guidance 5 3` adds rows at
+other scales; the 50-step reference of mse_t50 is always the first scale). Students sample the way their export's
+model card says (LCMScheduler, TCDScheduler or Euler trailing), using the exported (fused) UNet; `--student-guidance 3 5`
+samples students that take a guidance (w) input at those CFG scales instead of the card's (w = scale - 1), and
+`--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those gammas (eta).
 """
 
 from __future__ import annotations
@@ -91,38 +94,47 @@ class Bench:
             row["mse_t50"] = round(mse_to_reference(images, reference_images), 5)
         return row
 
-    def teacher_rows(self, steps_list: list[int]):
+    def teacher_rows(self, steps_list: list[int], guidance: float = GUIDANCE):
         unet = self.comps.unet
         for steps in steps_list:
             imgs, secs = self.generate(lambda z, c, s: sample_teacher(
-                unet, z, c, c.zeros_like(), self.schedule, steps, solver="ddim", guidance_scale=GUIDANCE,
+                unet, z, c, c.zeros_like(), self.schedule, steps, solver="ddim", guidance_scale=guidance,
                 spacing="trailing"))
-            yield {"model": "teacher", "method": "ddim-trailing-cfg5", "steps": steps, "seconds": round(secs, 1)}, imgs
+            yield {"model": "teacher", "method": f"ddim-trailing-cfg{guidance:g}", "guidance": guidance, "steps": steps,
+                   "seconds": round(secs, 1)}, imgs
 
-    def student_rows(self, export_dir: Path):
+    def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card"):
         from distill.export import load_export
 
         info = json.loads((export_dir / "export.json").read_text())
         pipe = load_export(export_dir, self.comps.path)
         unet = pipe.unet.float().eval()
         name = str(export_dir)
+        takes_w = unet.config.time_cond_proj_dim is not None
+        scale = guidance if guidance is not None and takes_w else float(info.get("guidance_scale", 1.0))
+        gamma = None
         for steps in info.get("steps", [1, 2, 4, 8]):
-            if "LCM" in info.get("scheduler", ""):
-                w = float(info.get("guidance_scale", 1.0)) - 1.0
+            if info.get("scheduler") in ("LCMScheduler", "TCDScheduler"):
+                w = scale - 1.0
                 n_orig = int(info.get("original_inference_steps", 50))
+                gamma = float(info.get("eta", 0.0)) if info["scheduler"] == "TCDScheduler" else None
+                gamma = gamma if sampler == "card" else None if sampler == "lcm" else float(sampler)
 
-                def fn(z, c, s, steps=steps, w=w, n_orig=n_orig):
+                def fn(z, c, s, steps=steps, w=w, n_orig=n_orig, gamma=gamma):
                     if unet.config.time_cond_proj_dim is not None:
                         c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
                                      guidance_embedding(torch.full((len(s),), w), unet.config.time_cond_proj_dim))
-                    return sample_lcm(unet, z, c, self.schedule, steps, s, original_inference_steps=n_orig)
+                    return sample_lcm(unet, z, c, self.schedule, steps, s, original_inference_steps=n_orig, gamma=gamma)
             else:
                 pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
 
                 def fn(z, c, s, steps=steps, pred=pred):
                     return sample_lightning(unet, z, c, self.schedule, steps, prediction_type=pred)
             imgs, secs = self.generate(fn)
-            yield {"model": name, "method": info.get("method", "?"), "steps": steps, "seconds": round(secs, 1)}, imgs
+            method = info.get("method", "?") + (f"-cfg{scale:g}" if takes_w else "")
+            if info.get("scheduler") in ("LCMScheduler", "TCDScheduler"):
+                method += "-lcm" if gamma is None else f"-tcd{gamma:g}"
+            yield {"model": name, "method": method, "guidance": scale, "steps": steps, "seconds": round(secs, 1)}, imgs
 
 
 def markdown(rows: list[dict]) -> str:
@@ -142,6 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="JSON output; a markdown table is written beside it (.md)")
     p.add_argument("--grid", default=None, help="comparison grid PNG (default: beside --out)")
     p.add_argument("--teacher", default="distill:tiny-world")
+    p.add_argument("--teacher-guidance", type=float, nargs="+", default=[GUIDANCE],
+                   help="CFG scales of the teacher rows (the first one's 50-step images are mse_t50's reference)")
+    p.add_argument("--student-guidance", type=float, nargs="+", default=None,
+                   help="CFG scales at which to sample students that take a w input (default: their export's)")
+    p.add_argument("--student-sampler", nargs="+", default=["card"],
+                   help="consistency (LCD) students: card (the export's scheduler), lcm (LCMScheduler), or a gamma in "
+                        "[0, 1] (TCDScheduler's eta)")
     p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
     args = p.parse_args(argv)
     n = args.n or (240 if args.quick else 1000)
@@ -153,25 +172,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     def add(row, imgs):
         nonlocal t50
-        if row["model"] == "teacher" and row["steps"] == 50:
+        if row["model"] == "teacher" and row["steps"] == 50 and t50 is None:
             t50 = imgs
         row.update(bench.metrics(imgs, t50))
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if row["steps"] <= 4 or row["model"] == "teacher" and row["steps"] == 50:
+        if row["steps"] <= 4 or row["model"] == "teacher" and row["steps"] == 50 and len(labels) == 0:
             columns.append(imgs[show])
             tag = "teacher" if row["model"] == "teacher" else Path(row["model"]).parent.name
-            labels.append(f"{tag[:14]} {row['steps']}")
+            label = f"{tag[:14]} {row['steps']}"
+            if len(args.teacher_guidance) > 1 if row["model"] == "teacher" else args.student_guidance:
+                label += f" cfg{row['guidance']:g}"
+            if row["model"] != "teacher" and len(args.student_sampler) > 1:
+                label += " " + row["method"].rsplit("-", 1)[-1]
+            labels.append(label)
 
-    for row, imgs in bench.teacher_rows(QUICK_TEACHER_STEPS if args.quick else TEACHER_STEPS):
-        add(row, imgs)
+    for g in args.teacher_guidance:
+        for row, imgs in bench.teacher_rows(QUICK_TEACHER_STEPS if args.quick else TEACHER_STEPS, g):
+            add(row, imgs)
     for run in args.runs:
         for export_dir in find_exports(Path(run)):
-            for row, imgs in bench.student_rows(export_dir):
-                add(row, imgs)
+            for g in args.student_guidance or [None]:
+                for sampler in args.student_sampler:
+                    for row, imgs in bench.student_rows(export_dir, g, sampler):
+                        add(row, imgs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"n": n, "teacher": args.teacher, "guidance": GUIDANCE, "spacing": "trailing", "rows": rows}
+    result = {"n": n, "teacher": args.teacher, "guidance": args.teacher_guidance[0], "spacing": "trailing", "rows": rows}
     out.write_text(json.dumps(result, indent=1))
     table = markdown(rows)
     out.with_suffix(".md").write_text(table)

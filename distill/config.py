@@ -90,6 +90,8 @@ class LCDConfig:
     w_max: float = 15.0
     inference_w: Optional[float] = None  # w for validation grids and the export card (full LCD: within
     #   [w_min, w_max]); None: 7.5 (the LCM papers' choice) clamped into [w_min, w_max]
+    inference_gamma: Optional[float] = None  # the sampler of validation grids and the export card: None =
+    #   LCMScheduler (full re-noising each step); a value in [0, 1] = TCDScheduler with eta = gamma (0: deterministic)
     w_embedding_dim: int = 256
     loss: str = "huber"  # huber | l2
     huber_c: float = 1e-3
@@ -230,6 +232,9 @@ def _check_combinations(cfg: DictConfig) -> None:
         if m.inference_w is not None and not m.lora.enabled and not m.w_min <= m.inference_w <= m.w_max:
             raise ConfigError(f"method.inference_w={m.inference_w} is outside the trained range "
                               f"[method.w_min, method.w_max] = [{m.w_min}, {m.w_max}]")
+        if m.inference_gamma is not None and not 0.0 <= m.inference_gamma <= 1.0:
+            raise ConfigError(f"method.inference_gamma={m.inference_gamma}: expected null (LCMScheduler) or a value "
+                              "in [0, 1] (TCDScheduler's eta)")
         too_many = [s for s in cfg.trainer.validation_steps if s > m.num_ddim_timesteps]
         if too_many:
             raise ConfigError(f"trainer.validation_steps has {too_many}: an LCD student samples at most "

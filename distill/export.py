@@ -26,7 +26,7 @@ from torch import nn
 from distill import export_formats as fmt
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULERS = ("LCMScheduler", "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample")
+SCHEDULERS = ("LCMScheduler", "TCDScheduler", "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -142,10 +142,10 @@ def _export_single_file(config: dict, state: dict[str, torch.Tensor], out: Path,
 
 # -- the model card --------------------------------------------------------------------------------------------
 def _scheduler_code(info: dict) -> str:
-    if info["scheduler"] == "LCMScheduler":
+    if info["scheduler"] in ("LCMScheduler", "TCDScheduler"):
         n = int(info.get("original_inference_steps", 50))
         extra = f", original_inference_steps={n}" if n != 50 else ""
-        return f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config{extra})"
+        return f"pipe.scheduler = {info['scheduler']}.from_config(pipe.scheduler.config{extra})"
     sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
     extra = ', prediction_type="sample"' if sample else ""
     return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
@@ -155,7 +155,7 @@ def _scheduler_code(info: dict) -> str:
 def model_card(info: dict) -> str:
     """README.md of an export: what it is, how to sample it, and diffusers snippets that load each format."""
     pipe_cls = "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline"
-    sched_cls = "LCMScheduler" if info["scheduler"] == "LCMScheduler" else "EulerDiscreteScheduler"
+    sched_cls = info["scheduler"] if info["scheduler"] in ("LCMScheduler", "TCDScheduler") else "EulerDiscreteScheduler"
     steps = list(info["steps"])
     n, gs = steps[len(steps) // 2] if steps else 4, float(info["guidance_scale"])
     teacher = info["teacher"]
@@ -189,7 +189,8 @@ Few-step {info['arch'].upper()} student distilled with `distill` (method `{info[
     if teacher.startswith("distill:"):  # a distill built-in: plain diffusers needs its folder
         imports += "from distill.models import resolve_model_path\n"
         teacher_expr = f'resolve_model_path("{teacher}")'
-    call = f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={gs:g}).images[0]'
+    eta = f", eta={float(info['eta']):g}" if "eta" in info else ""  # TCDScheduler's gamma (the pipeline's default: 0)
+    call = f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={gs:g}{eta}).images[0]'
     parts = [head, "\n## Files\n", *[f"- `{f}`\n" for f in info.get("files", [])], "\n## Use with diffusers\n\n"]
     if "lora" in info:
         parts.append(f"""LoRA on the teacher (diffusers format; `weight_name="lora_kohya.safetensors"` loads the
@@ -223,7 +224,7 @@ Single file (ComfyUI / A1111 checkpoint; the teacher's VAE and text encoders are
     config={teacher_expr},
     torch_dtype=torch.float16).to("cuda")
 {_scheduler_code(info)}
-image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={single_gs:g}).images[0]
+image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={single_gs:g}{eta}).images[0]
 ```
 
 In `distill`: `distill.export.load_export("EXPORT_DIR", "{teacher}")` returns this pipeline.
@@ -235,6 +236,10 @@ def _scheduler_desc(info: dict) -> str:
     if info["scheduler"] == "LCMScheduler":
         return (f"LCMScheduler from the teacher's scheduler config, original_inference_steps="
                 f"{int(info.get('original_inference_steps', 50))}")
+    if info["scheduler"] == "TCDScheduler":
+        return (f"TCDScheduler from the teacher's scheduler config, original_inference_steps="
+                f"{int(info.get('original_inference_steps', 50))}, eta (gamma) = {float(info.get('eta', 0.0)):g} "
+                "in the pipeline call")
     sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
     return 'EulerDiscreteScheduler, timestep_spacing="trailing"' + (', prediction_type="sample"' if sample else "")
 
@@ -242,12 +247,12 @@ def _scheduler_desc(info: dict) -> str:
 # -- loading back ----------------------------------------------------------------------------------------------
 def make_scheduler(info: dict, base_config: dict):
     """The scheduler an export's card names, built from the teacher's scheduler config."""
-    from diffusers import EulerDiscreteScheduler, LCMScheduler
+    from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     name = info["scheduler"]
-    if name == "LCMScheduler":
-        return LCMScheduler.from_config(base_config,
-                                        original_inference_steps=int(info.get("original_inference_steps", 50)))
+    if name in ("LCMScheduler", "TCDScheduler"):
+        cls = LCMScheduler if name == "LCMScheduler" else TCDScheduler
+        return cls.from_config(base_config, original_inference_steps=int(info.get("original_inference_steps", 50)))
     if name.startswith("EulerDiscreteScheduler-trailing"):
         kw = {"timestep_spacing": "trailing"}
         if name.endswith("-sample") or info.get("prediction_type") == "sample":

@@ -75,6 +75,9 @@ def test_incompatible_values_are_rejected():
         validate(_compose(["trainer.mixed_precision=fp8"]))
     with pytest.raises(ConfigError, match="method.inference_w"):
         validate(_compose(["method=lcd", "method.w_min=2", "method.w_max=8", "method.inference_w=9"]))
+    with pytest.raises(ConfigError, match="method.inference_gamma"):
+        validate(_compose(["method=lcd", "method.inference_gamma=1.5"]))
+    validate(_compose(["method=lcd", "method.inference_gamma=0.3"]))
     with pytest.raises(ConfigError, match="method.num_ddim_timesteps"):
         validate(_compose(["method=lcd", "method.num_ddim_timesteps=30"]))
     with pytest.raises(ConfigError, match="trainer.validation_steps"):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
 from distill.diffusion import (
     NoiseSchedule,
@@ -18,6 +18,7 @@ from distill.diffusion import (
     seeded_noise,
 )
 from distill.diffusion.sampling import randn
+from distill.diffusion.schedule import lcm_inference_timesteps
 
 from conftest import SDXL_SCHEDULER_CONFIG as SDXL  # noqa: E402
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp2m": DPMSolverMultistepScheduler}
@@ -183,6 +184,31 @@ def test_lcm_sampling_explicit_timesteps_match_lcm_scheduler():
         sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 2, seeds, timesteps=[19, 999])
     with pytest.raises(ValueError, match="num_steps=2"):
         sample_lcm(unet, noise, cond, NoiseSchedule.from_config(SDXL), 2, seeds, timesteps=ts)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_lcm_sampling_with_gamma_matches_tcd_scheduler(gamma, n):
+    """gamma= is TCDScheduler.step(eta=gamma) on the LCM timesteps; the pipeline decodes the last prev_sample."""
+    unet = FakeUNet(2)
+    _, cond = _inputs(torch.float32)
+    seeds = [11, 12, 13]
+    shape = (3, 4, 6, 6)
+    gens = make_generators(seeds)
+    latents = randn(shape, gens, "cpu", torch.float32)
+    sched = TCDScheduler.from_config(dict(SDXL, original_inference_steps=50))
+    sched.set_timesteps(n)
+    assert sched.timesteps.tolist() == lcm_inference_timesteps(n, 50).tolist()
+    x = latents
+    for t in sched.timesteps:
+        x = sched.step(unet(x, t, **cond.kwargs()).sample, t, x, eta=gamma, generator=gens).prev_sample
+    ours = sample_lcm(unet, seeded_noise(seeds, shape), cond, NoiseSchedule.from_config(SDXL), n, seeds, gamma=gamma)
+    assert _rel(ours, x) < 1e-5, _rel(ours, x)
+    if n > 1:  # gamma changes the result (it is not LCM's sampler under another name)
+        lcm = sample_lcm(unet, seeded_noise(seeds, shape), cond, NoiseSchedule.from_config(SDXL), n, seeds)
+        assert _rel(ours, lcm) > (1e-3 if gamma < 1 else 0)
+    with pytest.raises(ValueError, match="gamma"):
+        sample_lcm(unet, latents, cond, NoiseSchedule.from_config(SDXL), n, seeds, gamma=1.5)
 
 
 def test_lcm_sample_does_not_depend_on_batch():

@@ -12,6 +12,7 @@ from diffusers import (
     LCMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    TCDScheduler,
     UNet2DConditionModel,
 )
 from safetensors import safe_open
@@ -355,7 +356,7 @@ def test_trained_run_exports_end_to_end(tiny_data, tmp_path):
     run = train(["+experiment=lcm_tiny", "+debug=fast", f"output_dir={tmp_path}/run",
                  "trainer.validation_prompts=[]", "data.batch_size=2", "trainer.export_dtype=fp32",
                  "method.w_embedding_dim=32", "method.num_ddim_timesteps=20", "method.w_min=2", "method.w_max=8",
-                 "method.inference_w=4"])
+                 "method.inference_w=4", "method.inference_gamma=null"])
     trained_info = json.loads((run / "export" / "export.json").read_text())
     assert trained_info["method"] == "lcd" and trained_info["single_file_baked_w"] == 4.0
     # the skip grid it was trained on travels to the card and to the scheduler load_export builds
@@ -369,3 +370,39 @@ def test_trained_run_exports_end_to_end(tiny_data, tmp_path):
     assert all(torch.equal(trained[k], cli[k]) for k in trained)
     base = load_file(str(tmp_path / "cli" / "checkpoint.safetensors"))
     assert any(k.startswith("conditioner.embedders.1.model.") for k in base)
+
+
+def test_tcd_sampler_export_matches_diffusers_pipeline(tiny_data, tmp_path):
+    """method.inference_gamma names TCDScheduler in the export; the card's diffusers call (TCDScheduler, the
+    w-embedding fed from guidance_scale, eta=gamma, per-sample generators) gives the images distill samples."""
+    from helpers import train
+
+    from distill.diffusion import NoiseSchedule, UNetCond, sample_lcm, seeded_noise
+    from distill.models import decode_latents, encode_prompts, load_components
+    from distill.models.adapters import guidance_embedding
+
+    run = train(["+experiment=lcm_tiny", "+debug=fast", f"output_dir={tmp_path}/run", "trainer.max_steps=2",
+                 "trainer.validation_prompts=[]", "data.batch_size=2", "trainer.export_dtype=fp32",
+                 "method.w_embedding_dim=32", "method.inference_gamma=0.3"])
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["scheduler"] == "TCDScheduler" and info["eta"] == 0.3 and info["guidance_scale"] == 5.0
+    card = (run / "export" / "README.md").read_text()
+    assert "TCDScheduler.from_config(pipe.scheduler.config, original_inference_steps=10)" in card
+    assert "guidance_scale=5, eta=0.3)" in card
+    pipe = load_export(run / "export")
+    assert isinstance(pipe.scheduler, TCDScheduler) and pipe.scheduler.config.original_inference_steps == 10
+    prompts, seeds = ["a red circle on a black background", "a blue square on a white background"], [3, 7]
+    ref = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, eta=0.3, height=32, width=32, output_type="pt",
+               generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
+    comps = load_components(info["teacher"])
+    emb, pooled = encode_prompts(comps, prompts)
+    w_emb = guidance_embedding(torch.full((2,), 4.0), 32)
+    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2), w_emb)
+    side = 32 // 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    noise = seeded_noise(seeds, (2, 4, side, side))
+    lat = sample_lcm(pipe.unet, noise, cond, NoiseSchedule.from_config(comps.scheduler_config), 4, seeds,
+                     original_inference_steps=10, gamma=0.3)
+    torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)
+    lcm = sample_lcm(pipe.unet, noise, cond, NoiseSchedule.from_config(comps.scheduler_config), 4, seeds,
+                     original_inference_steps=10)
+    assert (decode_latents(comps, lcm) - ref).abs().max() > 1e-3  # the sampler matters

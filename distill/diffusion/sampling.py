@@ -179,6 +179,7 @@ def sample_lcm(
     original_inference_steps: int = 50,
     timestep_cond: Tensor | None = None,
     timesteps: Sequence[int] | None = None,
+    gamma: float | None = None,
 ) -> Tensor:
     """Multistep consistency sampling (LCM paper, Algorithm 3) with LCMScheduler semantics: at each t,
     denoised = c_skip(t) x_t + c_out(t) x0_hat; unless last, x_{t'} = add_noise(denoised, fresh noise, t'),
@@ -188,7 +189,15 @@ def sample_lcm(
 
     timesteps: explicit descending timesteps (num_steps must equal their count), as
     `LCMScheduler.set_timesteps(timesteps=...)` / the pipeline's `timesteps=` argument (points of the skip grid).
+
+    gamma: None samples as LCMScheduler. A value in [0, 1] samples as TCDScheduler.step(eta=gamma) (TCD, arXiv
+    2402.19159, "strategic stochastic sampling"), on the same timesteps: each step moves deterministically (DDIM
+    with the model's x0 and eps) to s = floor((1 - gamma) t'), then adds fresh noise from s to t'. gamma = 1 is
+    LCM's full re-noising (up to abar_0 != 1), gamma = 0 is deterministic; the output is the DDIM point at t = 0
+    that TCDScheduler returns as the last prev_sample.
     """
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1] (TCDScheduler's eta), got {gamma}")
     if timestep_cond is not None:
         cond = replace(cond, timestep_cond=timestep_cond)
     step_noise = _StepNoise(seeds_or_generator, noise)
@@ -203,7 +212,18 @@ def sample_lcm(
     x = noise
     for i, t in enumerate(timesteps):
         tb = _batch_t(t, x)
-        x0, _ = to_x0_eps(unet_output(unet(x, tb, **cond.kwargs())), x, tb, schedule)
+        x0, eps = to_x0_eps(unet_output(unet(x, tb, **cond.kwargs())), x, tb, schedule)
+        if gamma is not None:  # TCDScheduler.step: the raw x0 (no c_skip / c_out) and eps
+            last = i == len(timesteps) - 1
+            t_next = 0 if last else int(timesteps[i + 1])
+            s = int(torch.floor((1 - gamma) * torch.tensor(t_next)))  # float32, as TCDScheduler computes it
+            x = add_noise(x0, eps, _batch_t(s, x), schedule)
+            if last:
+                return x
+            if gamma > 0:
+                keep = schedule.abar(t_next) / schedule.abar(s)
+                x = keep.sqrt().to(x) * x + (1 - keep).sqrt().to(x) * step_noise(x)
+            continue
         c_skip, c_out = consistency_scalings(tb, like=x)
         denoised = c_out * x0 + c_skip * x
         if i == len(timesteps) - 1:

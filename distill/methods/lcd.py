@@ -126,7 +126,7 @@ class LCD(Method):
         self.student.eval()
         try:
             return sample_lcm(self.student, noise, self._cond(cond, w), self.schedule, num_steps, seeds,
-                              original_inference_steps=len(self.grid))
+                              original_inference_steps=len(self.grid), gamma=self.cfg.method.inference_gamma)
         finally:
             self.student.train(was_training)
 
@@ -134,9 +134,13 @@ class LCD(Method):
         from distill.export import export_student
 
         n_grid = len(self.grid)  # the skip grid it was trained on: LCMScheduler(original_inference_steps=N) samples it
+        gamma = self.cfg.method.inference_gamma
         info = {"method": "lcd" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "scheduler": "LCMScheduler", "steps": [n for n in (1, 2, 4, 8) if n <= n_grid],
+                "scheduler": "LCMScheduler" if gamma is None else "TCDScheduler",
+                "steps": [n for n in (1, 2, 4, 8) if n <= n_grid],
                 "guidance_scale": 1.0 if self.lora else self.inference_w() + 1.0, "arch": self.comps.arch,
                 "original_inference_steps": n_grid}
+        if gamma is not None:
+            info["eta"] = float(gamma)  # TCDScheduler's gamma, an argument of the pipeline call
         export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info,
                        base_path=self.comps.path)
