@@ -52,7 +52,8 @@ def test_quickstart_runs_on_the_tiny_random_model(tiny_data, tmp_path, monkeypat
     assert "max |LoRA on - LoRA off|" in text
     run_dir = next(ln for ln in text.splitlines() if ln.startswith("run folder:")).split(":", 1)[1].strip()
     info = json.loads((Path(run_dir) / "export" / "export.json").read_text())
-    assert info["method"] == "lcd-lora" and info["scheduler"] == "LCMScheduler"
+    assert info["method"] == "lcd-lora" and info["scheduler"] == "TCDScheduler" and info["eta"] == 0.0
+    assert "TCDScheduler  4 steps" in text  # the card's scheduler sampled the student (DDIMScheduler the teacher)
     # 5 columns (LCM-LoRA 1/2/4, teacher 4/25) x 4 prompt rows of 32x32 images upscaled 4x; the grid is shown
     grid = Image.open(tmp_path / "quickstart_grid.png")
     assert grid.width > 5 * 128 and 4 * 128 < grid.height < 5 * 128
