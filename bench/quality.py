@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="JSON output; a markdown table is written beside it (.md)")
     p.add_argument("--grid", default=None, help="comparison grid PNG (default: beside --out)")
     p.add_argument("--teacher", default="distill:tiny-world")
+    p.add_argument("--teacher-steps", type=int, nargs="+", default=None,
+                   help=f"DDIM step counts of the teacher rows (default {TEACHER_STEPS}, quick {QUICK_TEACHER_STEPS}; "
+                        "50 must be among them: it is mse_t50's reference)")
     p.add_argument("--teacher-guidance", type=float, nargs="+", default=[GUIDANCE],
                    help="CFG scales of the teacher rows (the first one's 50-step images are mse_t50's reference)")
     p.add_argument("--student-guidance", type=float, nargs="+", default=None,
@@ -164,11 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
     args = p.parse_args(argv)
     n = args.n or (240 if args.quick else 1000)
+    teacher_steps = args.teacher_steps or (QUICK_TEACHER_STEPS if args.quick else TEACHER_STEPS)
+    if 50 not in teacher_steps:
+        p.error("--teacher-steps must include 50 (the reference images of mse_t50)")
     torch.manual_seed(0)
     bench = Bench(args.teacher, n=n, n_ref=1000 if args.quick else 2000)
     rows, columns, labels = [], [], []
     t50 = None
-    show = list(range(0, 24, 3))  # 8 distinct prompts for the grid
+    show = list(range(0, min(n, 24), 3))  # up to 8 distinct prompts for the grid
 
     def add(row, imgs):
         nonlocal t50
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
             labels.append(label)
 
     for g in args.teacher_guidance:
-        for row, imgs in bench.teacher_rows(QUICK_TEACHER_STEPS if args.quick else TEACHER_STEPS, g):
+        for row, imgs in bench.teacher_rows(teacher_steps, g):
             add(row, imgs)
     for run in args.runs:
         for export_dir in find_exports(Path(run)):
