@@ -82,3 +82,13 @@ def test_incompatible_values_are_rejected():
         validate(_compose(["method=lcd", "method.num_ddim_timesteps=30"]))
     with pytest.raises(ConfigError, match="trainer.validation_steps"):
         validate(_compose(["method=lcd", "method.num_ddim_timesteps=4", "trainer.validation_steps=[1,8]"]))
+
+
+def test_config_changes_names_each_changed_leaf():
+    from distill.trainer import config_changes
+
+    old = {"method": {"num_ddim_timesteps": 10, "lora": {"rank": 8}}, "gone": 1, "resume": None}
+    new = {"method": {"num_ddim_timesteps": 20, "lora": {"rank": 8}}, "added": [1, 2], "resume": "latest"}
+    assert config_changes(old, new) == ["added: <unset> -> [1, 2]", "gone: 1 -> <unset>",
+                                        "method.num_ddim_timesteps: 10 -> 20"]
+    assert config_changes(None, new) == [] and config_changes(old, old) == []

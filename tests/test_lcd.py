@@ -102,14 +102,19 @@ def test_zero_w_embedding_reproduces_teacher_at_step_0():
 
 
 @pytest.mark.parametrize("experiment", ["lcm_lora_tiny", "lcm_tiny"])
-def test_resume_equals_uninterrupted(tiny_data, tmp_path, experiment):
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, experiment, capsys):
     # constant LR: the "interrupted" run stops by max_steps=2, and a cosine schedule depends on max_steps (a cosine
     # schedule across a real interruption is covered by the kill -9 test in test_faults.py)
     common = [f"+experiment={experiment}", *FAST, "trainer.checkpoint_every_steps=2", "optim.lr=1e-3",
               "optim.scheduler=constant"]
     full = train([*common, f"output_dir={tmp_path}/full", "trainer.max_steps=4"])
     part = train([*common, f"output_dir={tmp_path}/part", "trainer.max_steps=2"])
+    capsys.readouterr()
     train([*common, f"output_dir={part}", "trainer.max_steps=4", "resume=latest"])
+    said = capsys.readouterr().out
+    # the one setting that changed is named, with the LR note; nothing else (resume itself is not a setting)
+    assert "resumed with changed settings: trainer.max_steps: 2 -> 4 (the LR schedule follows" in said, said
+    assert "resume:" not in said
     a, b = weights(full, 4), weights(part, 4)
     assert a.keys() == b.keys()
     for k in a:
