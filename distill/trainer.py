@@ -82,7 +82,6 @@ def lr_lambda(cfg: DictConfig):
     return f
 
 
-
 def config_changes(old: dict | None, new: dict, ignore: tuple[str, ...] = ("resume",)) -> list[str]:
     """'key: old -> new' for every leaf setting that differs between a checkpoint's config and this run's."""
     if not old:
@@ -100,6 +99,7 @@ def config_changes(old: dict | None, new: dict, ignore: tuple[str, ...] = ("resu
     a, b = flat(old), flat(new)
     return [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in sorted(a.keys() | b.keys())
             if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>")]
+
 
 class Trainer:
     def __init__(self, cfg: DictConfig, accelerator: Accelerator, run_dir: Path):

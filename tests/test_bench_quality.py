@@ -13,7 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-import quality  # noqa: E402
+import quality
 
 
 def test_quality_bench_samplers_and_guidance(tiny_data, tmp_path):
