@@ -104,36 +104,36 @@ class Bench:
                    "seconds": round(secs, 1)}, imgs
 
     def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card"):
-        from distill.export import load_export
+        from distill.export import CONSISTENCY_SCHEDULERS, load_export
 
         info = json.loads((export_dir / "export.json").read_text())
         pipe = load_export(export_dir, self.comps.path)
         unet = pipe.unet.float().eval()
         name = str(export_dir)
-        takes_w = unet.config.time_cond_proj_dim is not None
-        scale = guidance if guidance is not None and takes_w else float(info.get("guidance_scale", 1.0))
-        gamma = None
+        w_dim = unet.config.time_cond_proj_dim  # set: the UNet takes the guidance w as an input
+        scale = guidance if guidance is not None and w_dim is not None else float(info.get("guidance_scale", 1.0))
+        method = info.get("method", "?") + (f"-cfg{scale:g}" if w_dim is not None else "")
+        consistency = info.get("scheduler") in CONSISTENCY_SCHEDULERS
+        if consistency:
+            n_orig = int(info.get("original_inference_steps", 50))
+            gamma = float(info.get("eta", 0.0)) if info["scheduler"] == "TCDScheduler" else None
+            gamma = gamma if sampler == "card" else None if sampler == "lcm" else float(sampler)
+            method += "-lcm" if gamma is None else f"-tcd{gamma:g}"
+        else:
+            pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
         for steps in info.get("steps", [1, 2, 4, 8]):
-            if info.get("scheduler") in ("LCMScheduler", "TCDScheduler"):
-                w = scale - 1.0
-                n_orig = int(info.get("original_inference_steps", 50))
-                gamma = float(info.get("eta", 0.0)) if info["scheduler"] == "TCDScheduler" else None
-                gamma = gamma if sampler == "card" else None if sampler == "lcm" else float(sampler)
+            if consistency:
 
-                def fn(z, c, s, steps=steps, w=w, n_orig=n_orig, gamma=gamma):
-                    if unet.config.time_cond_proj_dim is not None:
+                def fn(z, c, s, steps=steps):
+                    if w_dim is not None:
                         c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
-                                     guidance_embedding(torch.full((len(s),), w), unet.config.time_cond_proj_dim))
+                                     guidance_embedding(torch.full((len(s),), scale - 1.0), w_dim))
                     return sample_lcm(unet, z, c, self.schedule, steps, s, original_inference_steps=n_orig, gamma=gamma)
             else:
-                pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
 
-                def fn(z, c, s, steps=steps, pred=pred):
+                def fn(z, c, s, steps=steps):
                     return sample_lightning(unet, z, c, self.schedule, steps, prediction_type=pred)
             imgs, secs = self.generate(fn)
-            method = info.get("method", "?") + (f"-cfg{scale:g}" if takes_w else "")
-            if info.get("scheduler") in ("LCMScheduler", "TCDScheduler"):
-                method += "-lcm" if gamma is None else f"-tcd{gamma:g}"
             yield {"model": name, "method": method, "guidance": scale, "steps": steps, "seconds": round(secs, 1)}, imgs
 
 

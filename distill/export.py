@@ -26,7 +26,8 @@ from torch import nn
 from distill import export_formats as fmt
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULERS = ("LCMScheduler", "TCDScheduler", "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample")
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # consistency-model samplers: skip grid, w-embedding
+SCHEDULERS = (*CONSISTENCY_SCHEDULERS, "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -142,7 +143,7 @@ def _export_single_file(config: dict, state: dict[str, torch.Tensor], out: Path,
 
 # -- the model card --------------------------------------------------------------------------------------------
 def _scheduler_code(info: dict) -> str:
-    if info["scheduler"] in ("LCMScheduler", "TCDScheduler"):
+    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
         n = int(info.get("original_inference_steps", 50))
         extra = f", original_inference_steps={n}" if n != 50 else ""
         return f"pipe.scheduler = {info['scheduler']}.from_config(pipe.scheduler.config{extra})"
@@ -155,7 +156,7 @@ def _scheduler_code(info: dict) -> str:
 def model_card(info: dict) -> str:
     """README.md of an export: what it is, how to sample it, and diffusers snippets that load each format."""
     pipe_cls = "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline"
-    sched_cls = info["scheduler"] if info["scheduler"] in ("LCMScheduler", "TCDScheduler") else "EulerDiscreteScheduler"
+    sched_cls = info["scheduler"] if info["scheduler"] in CONSISTENCY_SCHEDULERS else "EulerDiscreteScheduler"
     steps = list(info["steps"])
     n, gs = steps[len(steps) // 2] if steps else 4, float(info["guidance_scale"])
     teacher = info["teacher"]
@@ -250,7 +251,7 @@ def make_scheduler(info: dict, base_config: dict):
     from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     name = info["scheduler"]
-    if name in ("LCMScheduler", "TCDScheduler"):
+    if name in CONSISTENCY_SCHEDULERS:
         cls = LCMScheduler if name == "LCMScheduler" else TCDScheduler
         return cls.from_config(base_config, original_inference_steps=int(info.get("original_inference_steps", 50)))
     if name.startswith("EulerDiscreteScheduler-trailing"):

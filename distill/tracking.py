@@ -30,6 +30,7 @@ class Tracker:
         self.main = accelerator.is_main_process
         self.name = cfg.logger.name
         container = redact(OmegaConf.to_container(cfg, resolve=True))
+        self.config = container  # the resolved, redacted run config (config.yaml; checkpoints keep a copy)
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
@@ -40,7 +41,7 @@ class Tracker:
                 init["wandb"] = {k: v for k, v in dict(name=cfg.logger.run_name, entity=cfg.logger.entity,
                                  tags=list(cfg.logger.tags) + list(cfg.tags), dir=str(run_dir),
                                  mode=cfg.logger.mode).items() if v}
-            accelerator.init_trackers(cfg.logger.project, config=_flat(container), init_kwargs=init)
+            accelerator.init_trackers(cfg.logger.project, config=flat_config(container), init_kwargs=init)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.main:
@@ -76,12 +77,13 @@ class Tracker:
             self.acc.end_training()
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """Nested config -> {'a.b': leaf}; non-scalar leaves as strings (what trackers take)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+            out.update(flat_config(v, key + "."))
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
@@ -24,7 +24,7 @@ from distill.methods import build_method
 from distill.methods.base import Batch, sample_seed
 from distill.models import decode_latents, encode_images, encode_prompts, load_components, time_ids
 from distill.parallel import gathered, no_zero3_init, zero3_enabled
-from distill.tracking import Tracker, redact
+from distill.tracking import Tracker, flat_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -86,17 +86,7 @@ def config_changes(old: dict | None, new: dict, ignore: tuple[str, ...] = ("resu
     """'key: old -> new' for every leaf setting that differs between a checkpoint's config and this run's."""
     if not old:
         return []
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    a, b = flat(old), flat(new)
+    a, b = flat_config(old), flat_config(new)
     return [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in sorted(a.keys() | b.keys())
             if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>")]
 
@@ -377,7 +367,7 @@ class Trainer:
             self.tracker.print(f"step {self.step}: not checkpointing non-finite weights")
             return
         state = {"step": self.step, "data": self.loader.state_dict(), "method": self.method.meta_state(),
-                 "counters": self.counters, "config": redact(OmegaConf.to_container(self.cfg, resolve=True))}
+                 "counters": self.counters, "config": self.tracker.config}
         self.ckpt_manager.save(self.step, state, self.method.state_dict())
 
     def resume(self) -> None:
@@ -394,7 +384,7 @@ class Trainer:
             s.last_epoch = self.step
             s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
         self.tracker.print(f"resumed from {path} at step {self.step}")
-        changed = config_changes(state.get("config"), redact(OmegaConf.to_container(self.cfg, resolve=True)))
+        changed = config_changes(state.get("config"), self.tracker.config)
         if changed:  # allowed (a finer skip grid for the last steps, a longer run), but said out loud
             self.tracker.print("resumed with changed settings: " + "; ".join(changed)
                                + (" (the LR schedule follows the new trainer.max_steps from this step on)"
