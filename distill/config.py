@@ -57,6 +57,8 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5  # stop after this many consecutive non-finite steps
     progress_bar: bool = True
     allow_tf32: bool = True
+    num_threads: int = 0  # torch intra-op threads per process; 0: the physical cores this process may use divided
+    #   by the processes on the node (Accelerate's --cpu rule; `accelerate launch` alone would leave OMP at 1)
     deepspeed_gloo: bool = False  # DeepSpeed on CPU needs the gloo backend
 
 

@@ -22,10 +22,34 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     acc = Accelerator(gradient_accumulation_steps=cfg.trainer.gradient_accumulation_steps,
                       mixed_precision=cfg.trainer.mixed_precision, log_with=log_with, kwargs_handlers=kwargs,
                       project_config=ProjectConfiguration(project_dir=".", logging_dir="."))
+    threads = set_threads(cfg.trainer.num_threads)
+    acc.print(f"torch threads per process: {threads}"
+              + ("" if cfg.trainer.num_threads else " (trainer.num_threads=0: physical cores / local processes)"))
     if cfg.trainer.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return acc
+
+
+def auto_threads() -> int:
+    """Physical cores this process may use (its CPU affinity: a SLURM allocation, taskset) divided by the processes
+    on this node, as Accelerate computes for `--cpu` launches."""
+    import psutil
+
+    logical = psutil.cpu_count() or os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    cores = max(1, physical * min(allowed, logical) // logical)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // max(1, local))
+
+
+def set_threads(num_threads: int) -> int:
+    """torch's intra-op threads: `num_threads` if > 0, else auto_threads(). DataLoader workers run one thread each
+    (torch sets it in every worker), so workers and the step share the cores without oversubscription."""
+    n = num_threads if num_threads > 0 else auto_threads()
+    torch.set_num_threads(n)
+    return n
 
 
 def shared_run_dir(cfg: DictConfig, acc: Accelerator) -> Path:

@@ -252,60 +252,69 @@ class Trainer:
 
     def train_step(self, batches: list[Batch]) -> dict[str, float]:
         """One optimizer step per phase, each over `len(batches)` micro-batches (gradient accumulation)."""
-        cfg, acc = self.cfg, self.acc
         logs: dict[str, float] = {}
         for phase in self.method.phases(self.step):
             oi = self.method.optimizer_names.index(phase)
             opt, sched = self.optimizers[oi], self.schedulers[oi]
-            engine, backed = self.engines[oi], False
+            engine = self.engines[oi]
             # what DDP clips (a DeepSpeed engine clips inside its step)
             params = [p for p in self.trained_params([opt]) if p.requires_grad] if engine is None else []
             prefix = "train/" if phase == "g" else f"train/{phase}_"
-            for micro, batch in enumerate(batches):
-                with acc.accumulate(*self.method.modules.values()):
-                    out = self.method.losses(batch, phase, self.step)
-                    if self.nan_fault and self.nan_fault[:2] == (self.step + 1, acc.process_index) and \
-                            self.nan_fault[2] in (None, micro):  # testing hook, see _nan_fault
-                        out["loss"] = out["loss"] * float("nan")
-                    for k, v in out.items():
-                        logs[prefix + k] = float(v.detach())
-                    if engine is not None:  # DeepSpeed: the engine applies the step inside its backward
-                        loss = out["loss"]  # its finiteness agreed by all ranks before backward (logged value)
-                        if self.any_rank(not math.isfinite(logs[prefix + "loss"])):
-                            self.counters["nonfinite_microbatches"] = self.counters.get("nonfinite_microbatches", 0) + 1
-                            if not acc.sync_gradients:
-                                continue  # dropped from the step; the boundary micro-batch decides the step
-                            if not backed:  # nothing back-propagated this step: skip it, the engine is untouched
-                                self.on_nonfinite(logs)
-                                return logs
-                            trained = [p for p in engine.module.parameters() if p.requires_grad]
-                            loss = sum(p.sum() for p in trained) * 0.0  # zero gradient: step on the finite ones
-                        norm = self.engine_backward(engine, loss)
-                        backed = True
-                        if norm is not None:
-                            sched.step()
-                            logs[f"train/grad_norm_{phase}"] = norm
-                            if not math.isfinite(norm):  # seen only after the engine stepped: counted as skipped
-                                self.on_nonfinite(logs)
-                                return logs
-                        continue
-                    acc.backward(out["loss"])
-                    if acc.sync_gradients:
-                        max_norm = cfg.optim.max_grad_norm
-                        norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-                        norm = float(norm) if norm is not None else 0.0
-                        logs[f"train/grad_norm_{phase}"] = norm
-                        if not math.isfinite(norm) or not all(math.isfinite(v) for k, v in logs.items() if "loss" in k):
-                            self.on_nonfinite(logs)
-                            opt.zero_grad(set_to_none=True)
-                            return logs
-                        opt.step()
-                        sched.step()
-                        opt.zero_grad(set_to_none=True)
+            with self.method.phase_scope(phase):
+                out = self.phase_step(phase, batches, logs, opt, sched, engine, params, prefix)
+            if out is not None:
+                return out
             logs[f"train/lr_{phase}"] = sched.get_last_lr()[0]
         self.nonfinite_in_a_row = 0
         self.method.after_step(self.step + 1)
         return logs
+
+    def phase_step(self, phase, batches, logs, opt, sched, engine, params, prefix) -> dict[str, float] | None:
+        """One phase's micro-batches and optimizer step; returns the logs when the step is skipped (non-finite)."""
+        cfg, acc = self.cfg, self.acc
+        backed = False
+        for micro, batch in enumerate(batches):
+            with acc.accumulate(*self.method.modules.values()):
+                out = self.method.losses(batch, phase, self.step)
+                if self.nan_fault and self.nan_fault[:2] == (self.step + 1, acc.process_index) and \
+                        self.nan_fault[2] in (None, micro):  # testing hook, see _nan_fault
+                    out["loss"] = out["loss"] * float("nan")
+                for k, v in out.items():
+                    logs[prefix + k] = float(v.detach())
+                if engine is not None:  # DeepSpeed: the engine applies the step inside its backward
+                    loss = out["loss"]  # its finiteness agreed by all ranks before backward (logged value)
+                    if self.any_rank(not math.isfinite(logs[prefix + "loss"])):
+                        self.counters["nonfinite_microbatches"] = self.counters.get("nonfinite_microbatches", 0) + 1
+                        if not acc.sync_gradients:
+                            continue  # dropped from the step; the boundary micro-batch decides the step
+                        if not backed:  # nothing back-propagated this step: skip it, the engine is untouched
+                            self.on_nonfinite(logs)
+                            return logs
+                        trained = [p for p in engine.module.parameters() if p.requires_grad]
+                        loss = sum(p.sum() for p in trained) * 0.0  # zero gradient: step on the finite ones
+                    norm = self.engine_backward(engine, loss)
+                    backed = True
+                    if norm is not None:
+                        sched.step()
+                        logs[f"train/grad_norm_{phase}"] = norm
+                        if not math.isfinite(norm):  # seen only after the engine stepped: counted as skipped
+                            self.on_nonfinite(logs)
+                            return logs
+                    continue
+                acc.backward(out["loss"])
+                if acc.sync_gradients:
+                    max_norm = cfg.optim.max_grad_norm
+                    norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+                    norm = float(norm) if norm is not None else 0.0
+                    logs[f"train/grad_norm_{phase}"] = norm
+                    if not math.isfinite(norm) or not all(math.isfinite(v) for k, v in logs.items() if "loss" in k):
+                        self.on_nonfinite(logs)
+                        opt.zero_grad(set_to_none=True)
+                        return logs
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+        return None
 
     def engine_backward(self, engine, loss: torch.Tensor) -> float | None:
         """Backward of one DeepSpeed engine and, at the accumulation boundary, its step (clipping included, from

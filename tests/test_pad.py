@@ -173,18 +173,22 @@ def test_teacher_moves_from_pure_noise_follow_the_trailing_euler_sampler(tmp_pat
 
 
 # -- one D step and one G step on real tensors ---------------------------------------------------------------
-@pytest.mark.parametrize("lora", [False, True])
-def test_d_step_leaves_student_and_g_step_leaves_discriminator(tiny_data, tmp_path, lora):
+@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True), (True, True)])
+def test_d_step_leaves_student_and_g_step_leaves_discriminator(tiny_data, tmp_path, lora, checkpointing):
+    """Gradient isolation, also with gradient checkpointing on D and the student (the SDXL experiments' setting:
+    a D frozen only during the forward made the checkpoint recompute disagree and crash the first G step)."""
     from distill.runner import make_accelerator
     from distill.trainer import Trainer
 
     stage = {"name": "s4", "student_steps": 4, "teacher_steps_per_student_step": 2, "lora": lora, "max_steps": 2, "lr": 1e-3}
-    cfg = validate(_cfg(tmp_path, [stage], "method.lr_d=1e-3"))
+    cfg = validate(_cfg(tmp_path, [stage], "method.lr_d=1e-3", f"trainer.gradient_checkpointing={checkpointing}"))
     (stage_cfg,) = PAD.stages(cfg, tmp_path)
     acc = make_accelerator(stage_cfg)
     trainer = Trainer(stage_cfg, acc, tmp_path)
     method = trainer.method
     student, d = method.student_raw, method.d_raw
+    blocks = [m for m in d.backbone.modules() if hasattr(m, "gradient_checkpointing")]
+    assert blocks and all(m.gradient_checkpointing == checkpointing for m in blocks)
     base = _base_unet().state_dict()
     for k, v in d.backbone.state_dict().items():  # re-initialised from the base at this stage
         assert torch.equal(v, base[k]), k

@@ -3,6 +3,7 @@ for its trainable modules and optimizer groups, calls `losses` per phase, and `a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,12 @@ class Method:
     def phases(self, step: int) -> tuple[str, ...]:
         """The optimizers to step this training step, in order (a GAN returns ("d", "g"))."""
         return self.optimizer_names
+
+    def phase_scope(self, phase: str) -> contextlib.AbstractContextManager:
+        """Held by the trainer around all of a phase's forwards, backwards and its optimizer step. A GAN freezes
+        here the network the phase does not train: frozen through backward too, so a gradient-checkpointed
+        recompute sees the same requires_grad flags as its forward (see distill.methods.gan.frozen)."""
+        return contextlib.nullcontext()
 
     def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
         """Loss terms for `phase`; the trainer back-propagates `out["loss"]`, logs every scalar."""

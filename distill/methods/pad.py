@@ -18,7 +18,8 @@ the teacher's x_{t-ns} after n teacher moves (DDIM `move`) from x_t, fake = the 
 The 1-step adversarial stages re-noise both outputs (clean x0) to t* in `renoise_timesteps` (Sec. 3.7.2).
 
 Gradient isolation: the D step runs the student under no_grad through its raw module; the G step runs D through
-its raw module with D's parameters frozen during that forward, so no gradient ever reaches D's .grad.
+its raw module with D's parameters frozen for the whole phase (forward, backward and the optimizer step, through
+`phase_scope`), so no gradient ever reaches D's .grad, and a checkpointed D recomputes as it ran.
 """
 
 from __future__ import annotations
@@ -46,20 +47,8 @@ from distill.diffusion import (
 )
 from distill.methods.base import Batch, Method
 from distill.methods.discriminator import Discriminator
+from distill.methods.gan import d_loss, frozen, g_loss
 from distill.models.adapters import adapters_disabled, add_lora
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """Parameters that do not require grad while the graph is built: backward then flows through the module's
-    activations (to the student) but leaves its parameters' .grad untouched."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
 
 
 def _load_unet(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -227,13 +216,15 @@ class PAD(Method):
             (real, fake), s = self._for_d(batch, [real, fake], t_next)
             logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
             l_real, l_fake = logits.chunk(2)
-            loss = F.softplus(-l_real).mean() + F.softplus(l_fake).mean()
-            return {"loss": loss, "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
+            return {"loss": d_loss(l_real, l_fake), "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
         fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
         (fake,), s = self._for_d(batch, [fake], t_next)
-        with frozen(self.d_raw):
-            l_fake = self.d_raw(fake, s, cond, *cond_d)
-        return {"loss": F.softplus(-l_fake).mean()}
+        l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
+        return {"loss": g_loss(l_fake)}
+
+    def phase_scope(self, phase: str):
+        """The G phase holds D frozen over its forwards AND backwards (checkpoint recompute: see gan.frozen)."""
+        return frozen(self.d_raw) if phase == "g" and self.d_raw is not None else contextlib.nullcontext()
 
     # -- stages ------------------------------------------------------------------------------------------
     @classmethod
