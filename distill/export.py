@@ -52,11 +52,12 @@ def _pipeline_class(arch: str):
 
 
 def export_student(unet: nn.Module, out_dir: Path, *, lora: bool, dtype: torch.dtype, info: dict,
-                   base_path: str) -> None:
+                   base_path: str, lora_base: dict[str, torch.Tensor] | None = None) -> None:
     """Write the student `unet` (a diffusers UNet2DConditionModel; with `lora=True` it carries the PEFT adapter
     "default") in every format above. `unet` is not modified. `info` (method, teacher, scheduler, steps,
     guidance_scale, arch, optional prediction_type) goes into the card and export.json; `base_path` is the
-    teacher's diffusers folder, whose VAE and text encoders complete the single-file checkpoint."""
+    teacher's diffusers folder, whose VAE and text encoders complete the single-file checkpoint. `lora_base`: the
+    LoRA's base weights as stored, when the trained copy is half precision (see fmt.fused_state_dict)."""
     from distill.models.loader import detect_arch, resolve_model_path
 
     unet = _unwrap(unet)
@@ -76,7 +77,7 @@ def export_student(unet: nn.Module, out_dir: Path, *, lora: bool, dtype: torch.d
 
         shutil.rmtree(out / "lora", ignore_errors=True)
         (out / "lora_kohya.safetensors").unlink(missing_ok=True)
-    state = _cast(fmt.fused_state_dict(unet), dtype)
+    state = _cast(fmt.fused_state_dict(unet, base=lora_base if lora else None), dtype)
     files += _export_fused(unet.config, state, out)
     files += _export_single_file(dict(unet.config), state, out, dtype, info, base_path)
     info["dtype"] = str(dtype).removeprefix("torch.")

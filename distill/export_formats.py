@@ -66,21 +66,29 @@ def lora_kohya_state_dict(model: nn.Module, adapter: str = "default", dtype: tor
 
 # -- fusing ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def fused_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
+def fused_state_dict(model: nn.Module, adapter: str = "default", base: dict[str, Tensor] | None = None
+                     ) -> dict[str, Tensor]:
     """The model's state dict with every LoRA layer of `adapter` merged (W + scaling * B A, PEFT's own
     `get_delta_weight`) and plain module names (no `base_layer`, no `lora_`). The model is not modified,
-    so training can go on; merging happens in fp32 on new tensors."""
+    so training can go on. Merged weights are computed AND kept in fp32 (a Lightning LoRA stage's 1e-5..1e-4
+    deltas are below bf16's half-ulp at typical weights): the export's dtype is applied once, by the caller.
+    `base`: the base weights as stored (fp32), used instead of the model's copy when that one was trained in
+    half precision, so a fused export is the stored base plus the delta, not a rounded base plus the delta."""
     layers = lora_layers(model, adapter)
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         if ".lora_" in key or "lora_magnitude_vector" in key:
             continue
         out[key.replace(".base_layer.", ".")] = value.detach()
+    if base is not None:
+        if set(base) != set(out):
+            raise ValueError(f"the stored LoRA base does not match the model: {sorted(set(base) ^ set(out))[:3]}")
+        out = {k: base[k].to(v.device, torch.float32 if v.is_floating_point() else v.dtype) for k, v in out.items()}
     for name, layer in layers.items():
         if adapter in getattr(layer, "merged_adapters", []):
             continue  # already merged into the base weight in place
-        base = out[f"{name}.weight"]
-        out[f"{name}.weight"] = (base.float() + layer.get_delta_weight(adapter).float()).to(base.dtype)
+        w = out[f"{name}.weight"]
+        out[f"{name}.weight"] = w.float() + layer.get_delta_weight(adapter).float().to(w.device)
     return out
 
 

@@ -92,10 +92,14 @@ def config_changes(old: dict | None, new: dict, ignore: tuple[str, ...] = ("resu
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, accelerator: Accelerator, run_dir: Path):
+    def __init__(self, cfg: DictConfig, accelerator: Accelerator, run_dir: Path, carry: dict | None = None):
+        """`carry`: where the previous stage of a staged run left off (`Trainer.carry()`), so this one continues
+        the data stream and the per-sample seed sequence instead of replaying them."""
         self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
         self.device = accelerator.device
         self.step = 0
+        self.carried = carry or {}
+        self.seed_step = int(self.carried.get("seed_step", 0))  # added to the step in per-sample seeds
         self.nonfinite_in_a_row = 0
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
         self.nan_fault = _nan_fault()
@@ -135,6 +139,12 @@ class Trainer:
         self.prepare()
         self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
                                    seed=cfg.trainer.seed)
+        if "data" in self.carried:  # a later stage: go on from the previous stage's data position
+            self.loader.load_state_dict(self.carried["data"])
+
+    def carry(self) -> dict:
+        """Where this run left off, for the next stage: data position and seed sequence."""
+        return {"data": self.loader.state_dict(), "seed_step": self.seed_step + self.step}
 
     def make_optimizers(self) -> None:
         """One optimizer per group list of the method (`optimizer_names` order)."""
@@ -195,7 +205,7 @@ class Trainer:
     # -- batches -----------------------------------------------------------------------------------------
     def to_batch(self, raw: dict) -> Batch:
         dev = self.device
-        seeds = [sample_seed(self.cfg.trainer.seed, self.step, k) for k in raw["key"]]
+        seeds = [sample_seed(self.cfg.trainer.seed, self.seed_step + self.step, k) for k in raw["key"]]
         if self.method.input_kind == "pixels":
             return Batch(latents=None, cond=None, captions=raw["caption"], pixels=raw["pixels"].to(dev), seeds=seeds)
         ids = time_ids(raw["original_size"], raw["crop_top_left"], raw["target_size"]).to(dev)

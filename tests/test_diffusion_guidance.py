@@ -90,7 +90,11 @@ def test_unet_cond_kwargs_zeros_cat_index_to(inputs):
     both = z.cat(cond)
     assert both.batch_size == 8 and torch.equal(both.index(slice(4, 8)).text_embeds, cond.text_embeds)
     assert torch.equal(cond.repeat(2).encoder_hidden_states[2], cond.encoder_hidden_states[1])
-    half = cond.to(dtype=torch.float16)
-    assert half.encoder_hidden_states.dtype == torch.float16 and half.time_ids.dtype == torch.float16
+    half = cond.to(dtype=torch.bfloat16)
+    assert half.encoder_hidden_states.dtype == torch.bfloat16 and half.text_embeds.dtype == torch.bfloat16
+    # SDXL micro-conditioning stays exact: 1365 px would round to 1368 in bf16
+    odd = UNetCond(cond.encoder_hidden_states, cond.text_embeds, torch.full_like(cond.time_ids, 1365.0))
+    assert odd.to(dtype=torch.bfloat16).time_ids.dtype == torch.float32
+    assert (odd.to(dtype=torch.bfloat16).time_ids == 1365).all()
     with pytest.raises(ValueError):
         cond.cat(UNetCond(cond.encoder_hidden_states))

@@ -280,3 +280,27 @@ def test_lightning_tiny_exports_8_4_2_1_step_students(tiny_data, tmp_path):
     for steps in (8, 4, 2, 1):
         images = _sample_export(exports[steps][0], steps)
         assert torch.isfinite(images).all() and images.std() > 0
+
+
+def test_stages_continue_the_data_stream_and_the_seed_sequence(tiny_data, tmp_path):
+    """Each stage goes on from where the previous one left the data stream and the per-sample seeds: step s of
+    every stage used to see the same samples with the same noise, so a chain trained on its first stage's data."""
+    from distill.runner import make_accelerator
+    from distill.trainer import Trainer
+
+    cfg = validate(_cfg(tmp_path / "run", TWO))
+    run = run_training(cfg)
+    carry = json.loads((run / "stages" / "00_s4_mse" / "carry.json").read_text())
+    assert carry["seed_step"] == TWO[0]["max_steps"] and carry["data"]["batch"] == TWO[0]["max_steps"]
+    stage1 = PAD.stages(cfg, run)[1]
+    first = {}
+    for name, c in (("replayed", None), ("carried", carry)):
+        acc = make_accelerator(stage1)
+        trainer = Trainer(stage1, acc, tmp_path / name, carry=c)
+        batch = trainer.to_batch(next(iter(trainer.loader)))
+        first[name] = (batch.captions, batch.seeds, batch.randn("eps", (4, 4, 4), torch.device("cpu")))
+        trainer.close()
+        acc.free_memory()
+    (cap_a, seeds_a, eps_a), (cap_b, seeds_b, eps_b) = first["replayed"], first["carried"]
+    assert cap_a != cap_b, "the next stage's first batch replays the previous stage's first samples"
+    assert not set(seeds_a) & set(seeds_b) and not torch.equal(eps_a, eps_b)

@@ -81,8 +81,14 @@ class UNetCond:
         return self._map(lambda v: v[idx])
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> UNetCond:
-        """Move every tensor; `dtype` applies to floating tensors only."""
-        return self._map(lambda v: v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+        """Move every tensor; `dtype` applies to the floating embeddings. SDXL's `time_ids` stay fp32: they are
+        pixel sizes (1365 would round to 1368 in bf16), and the UNet embeds them sinusoidally in fp32 anyway."""
+        def move(name: str, v: Tensor) -> Tensor:
+            keep = name == "time_ids" or not v.is_floating_point()
+            return v.to(device=device, dtype=None if keep else dtype)
+
+        return UNetCond(**{f.name: None if getattr(self, f.name) is None else move(f.name, getattr(self, f.name))
+                           for f in fields(self)})
 
     @property
     def batch_size(self) -> int:
@@ -110,8 +116,12 @@ def guided_prediction(
     uncond: UNetCond | None,
     scale: float | Tensor,
     form: str = "standard",
+    net_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Classifier-free guided model output, cond and uncond as ONE forward of batch 2B.
+
+    net_dtype: cast only the network's inputs to it (a half-precision frozen teacher) and return fp32, so the
+    guidance and whatever the caller computes from the output stay in the inputs' precision.
 
     form "standard": uncond + scale (cond - uncond); form "lcm": cond + scale (cond - uncond).
     scale: a float or a per-sample (B,) tensor. With uncond None, or a float scale that makes the uncond term
@@ -121,11 +131,16 @@ def guided_prediction(
     if form not in ("standard", "lcm"):
         raise ValueError(f"form={form!r} (standard, lcm)")
     trivial = not isinstance(scale, Tensor) and float(scale) == (1.0 if form == "standard" else 0.0)
+
+    def net(x: Tensor, t: Tensor | int, c: UNetCond) -> Tensor:
+        if net_dtype is None:
+            return unet_output(unet(x, t, **c.kwargs()))
+        return unet_output(unet(x.to(net_dtype), t, **c.to(dtype=net_dtype).kwargs())).float()
+
     if uncond is None or trivial:
-        return unet_output(unet(x_t, t, **cond.kwargs()))
+        return net(x_t, t, cond)
     t2 = torch.cat([t, t]) if isinstance(t, Tensor) and t.ndim == 1 else t
-    out = unet_output(unet(torch.cat([x_t, x_t]), t2, **uncond.cat(cond).kwargs()))
-    out_uncond, out_cond = out.chunk(2)
+    out_uncond, out_cond = net(torch.cat([x_t, x_t]), t2, uncond.cat(cond)).chunk(2)
     s = _per_sample(scale, out_cond)
     if form == "standard":  # same expression as diffusers' pipelines, so parity is exact
         return out_uncond + s * (out_cond - out_uncond)
@@ -143,13 +158,15 @@ def guided_ddim_step(
     schedule: NoiseSchedule,
     form: str = "lcm",
     prediction_type: str | None = None,
+    net_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LCD's teacher ODE solve (LCM paper, Algorithm 1 with a DDIM solver Psi): one deterministic DDIM
     step from t (= t_{n+k}) to s (= t_n) on the guided prediction,
         z_s = (1 + w) DDIM(z_t, cond) - w DDIM(z_t, uncond)   (eq. 9, form "lcm"),
     which, DDIM being affine in the model output, is DDIM on the guided x0 and eps. Returns (x_s, x0, eps).
     Runs under whatever grad mode the caller set (the teacher is normally called under torch.no_grad()).
+    net_dtype: the teacher's dtype; only its inputs are cast, the solver step runs in x_t's dtype (fp32).
     """
-    out = guided_prediction(unet, x_t, t, cond, uncond, scale, form)
+    out = guided_prediction(unet, x_t, t, cond, uncond, scale, form, net_dtype)
     x0, eps = to_x0_eps(out, x_t, t, schedule, prediction_type)
     return ddim_step(x0, eps, s, schedule), x0, eps

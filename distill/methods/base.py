@@ -89,6 +89,11 @@ class Method:
         """Receive the Accelerate-wrapped modules (DDP / DeepSpeed) to use in `losses`."""
         self.modules.update(modules)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The trainer's mixed precision for forwards outside the Accelerate-prepared modules (an EMA target)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.trainer.mixed_precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
     # -- training ----------------------------------------------------------------------------------------
     def phases(self, step: int) -> tuple[str, ...]:
         """The optimizers to step this training step, in order (a GAN returns ("d", "g"))."""

@@ -19,6 +19,7 @@ from distill.diffusion import (NoiseSchedule, UNetCond, add_noise, consistency_s
                                lcm_skip_grid, sample_lcm, to_x0_eps)
 from distill.methods.base import Batch, Method
 from distill.models.adapters import EMA, adapters_disabled, add_lora, guidance_embedding, student_with_w_embedding
+from distill.models.loader import load_fp32_unet, stored_fp32_state
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
@@ -42,7 +43,8 @@ class LCD(Method):
             self.ema = None
             self.w_dim = None
         else:
-            self.student = student_with_w_embedding(self.teacher, m.w_embedding_dim).to(device).train()
+            # from the fp32 weights as stored, not the frozen half-precision teacher
+            self.student = student_with_w_embedding(load_fp32_unet(comps), m.w_embedding_dim).to(device).train()
             self.student.requires_grad_(True)
             self.trainable = list(self.student.parameters())
             self.ema = EMA(copy.deepcopy(self.student).requires_grad_(False).eval(), m.ema_decay)
@@ -90,12 +92,17 @@ class LCD(Method):
                 with adapters_disabled(self.student):
                     x_s, _, _ = guided_ddim_step(self.student, x_t, t, s, cond, cond.zeros_like(), w, self.schedule)
             else:
+                # only the UNet's inputs in the teacher's dtype: the DDIM step and w stay fp32 (a bf16 x_s moves
+                # about one ulp at t = 999, and the huber c is 1e-3)
                 dt = next(self.teacher.parameters()).dtype
-                x_s, _, _ = guided_ddim_step(self.teacher, x_t.to(dt), t, s, cond.to(dtype=dt),
-                                             cond.zeros_like().to(dtype=dt), w.to(dt), self.schedule)
+                x_s, _, _ = guided_ddim_step(self.teacher, x_t, t, s, cond, cond.zeros_like(), w, self.schedule,
+                                             net_dtype=dt)
             x_s = x_s.float()
-            target_net = self.student if self.lora else self.ema.model
-            target = self._consistency(target_net, x_s, s, student_cond)
+            if self.lora:
+                target = self._consistency(self.student, x_s, s, student_cond)
+            else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
+                with self.autocast():
+                    target = self._consistency(self.ema.model, x_s, s, student_cond)
         pred = self._consistency(self.modules["student"], x_t, t, student_cond)
         if m.loss == "huber":
             loss = pseudo_huber(pred.float(), target.float(), m.huber_c)
@@ -143,4 +150,5 @@ class LCD(Method):
         if gamma is not None:
             info["eta"] = float(gamma)  # TCDScheduler's gamma, an argument of the pipeline call
         export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info,
-                       base_path=self.comps.path)
+                       base_path=self.comps.path,
+                       lora_base=stored_fp32_state(self.student, self.comps) if self.lora else None)

@@ -49,6 +49,7 @@ from distill.methods.base import Batch, Method
 from distill.methods.discriminator import Discriminator
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.models.adapters import adapters_disabled, add_lora
+from distill.models.loader import load_fp32_unet, stored_fp32_state
 
 
 def _load_unet(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -102,7 +103,7 @@ class PAD(Method):
                 _load_lora(self.student, m.lora_init)
         else:
             self.student = (_load_unet(m.student_init, torch.float32, device) if m.student_init
-                            else copy.deepcopy(base).float())
+                            else load_fp32_unet(comps, device))  # the stored fp32 weights, not the frozen copy
             self.student.requires_grad_(True)
             self.trainable = list(self.student.parameters())
         self.student.train()
@@ -150,10 +151,9 @@ class PAD(Method):
         scale = self.stage.guidance_scale
         ctx = adapters_disabled(self.student_raw) if self.shared else contextlib.nullcontext()
         dt = next(self.teacher.parameters()).dtype
-        with ctx:
-            out = guided_prediction(self.teacher, x.to(dt), t, cond.to(dtype=dt),
-                                    cond.zeros_like().to(dtype=dt) if scale != 1.0 else None, scale)
-        return out.float()
+        with ctx:  # only the UNet's inputs in the teacher's dtype; the guidance and the moves stay fp32
+            return guided_prediction(self.teacher, x.float(), t, cond, cond.zeros_like() if scale != 1.0 else None,
+                                     scale, net_dtype=dt).float()
 
     @torch.no_grad()
     def teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
@@ -303,5 +303,6 @@ class PAD(Method):
                 "scheduler": "EulerDiscreteScheduler-trailing" + ("-sample" if sample else ""),
                 "steps": [st.student_steps], "guidance_scale": 1.0,  # no CFG at inference (paper Table 1)
                 "arch": self.comps.arch, "prediction_type": self.student_pred}
+        lora_base = stored_fp32_state(self.student_raw, self.comps, m.student_init) if st.lora else None
         export_student(self.student_raw, Path(out_dir), lora=st.lora, dtype=dtype, info=info,
-                       base_path=self.comps.path)
+                       base_path=self.comps.path, lora_base=lora_base)

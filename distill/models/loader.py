@@ -49,19 +49,23 @@ class Components:
         return float(self.extra.get("vae_scaling_factor", 0.13025))
 
 
-def resolve_model_path(name: str) -> str:
-    """Map a `model.pretrained` value to a local folder when it is one; hub ids are returned unchanged,
-    but with `HF_HUB_OFFLINE=1` a hub id that is not in the local cache fails at once with guidance."""
+def resolve_model_path(name: str, key: str = "model.pretrained") -> str:
+    """Map a model value (`model.pretrained`, or a single model such as `model.vae` when `key` says so) to a local
+    folder when it is one; hub ids are returned unchanged, but with `HF_HUB_OFFLINE=1` a hub id that is not in the
+    local cache fails at once with guidance. Every error names `key`."""
     if name.startswith("distill:"):
         return str(_builtin(name[len("distill:"):]))
+    pipeline = key == "model.pretrained"
     p = Path(name).expanduser()
     if p.is_dir():
-        if not (p / "model_index.json").exists() and not (p / "unet").is_dir():
-            raise ModelNotFoundError(f"model.pretrained={name!r} is a folder but not a diffusers model folder "
+        if pipeline and not (p / "model_index.json").exists() and not (p / "unet").is_dir():
+            raise ModelNotFoundError(f"{key}={name!r} is a folder but not a diffusers model folder "
                                      "(no model_index.json or unet/ inside)")
+        if not pipeline and not (p / "config.json").exists():
+            raise ModelNotFoundError(f"{key}={name!r} is a folder but not a diffusers model (no config.json inside)")
         return str(p)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
-        raise ModelNotFoundError(f"model.pretrained={name!r}: no such folder")
+        raise ModelNotFoundError(f"{key}={name!r}: no such folder")
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -71,9 +75,10 @@ def resolve_model_path(name: str) -> str:
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one actionable message
         how = ("HF_HUB_OFFLINE=1 forbids downloading it" if offline else f"downloading failed ({type(e).__name__})")
         raise ModelNotFoundError(
-            f"model.pretrained={name!r} is not a local folder and {how}. Point model.pretrained at a local "
-            "diffusers folder (one written by pipeline.save_pretrained, or a hub snapshot copied to this machine), "
-            "e.g. model.pretrained=/data/models/stable-diffusion-xl-base-1.0") from e
+            f"{key}={name!r} is not a local folder and {how}. Point {key} at a local diffusers folder (one "
+            "written by save_pretrained, or a hub snapshot copied to this machine), e.g. "
+            + (f"{key}=/data/models/stable-diffusion-xl-base-1.0" if pipeline else f"{key}=/data/models/sdxl-vae-fp16-fix")
+            + (f", or {key}=null" if not pipeline else "")) from e
 
 
 def _builtin(name: str) -> Path:
@@ -130,11 +135,12 @@ def load_components(
     sched_file = Path(path) / "scheduler" / "scheduler_config.json"
     if not sched_file.exists():
         raise ModelNotFoundError(f"{pretrained!r} has no scheduler/scheduler_config.json")
-    comps = Components(path=path, arch=arch, scheduler_config=json.loads(sched_file.read_text()))
-    kw = dict(revision=revision, variant=variant)
+    comps = Components(path=path, arch=arch, scheduler_config=json.loads(sched_file.read_text()),
+                       extra={"revision": revision, "variant": variant})
+    kw = {"revision": revision, "variant": variant}
     load = {
         "unet": lambda: UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw),
-        "vae": lambda: (AutoencoderKL.from_pretrained(resolve_model_path(vae)) if vae
+        "vae": lambda: (AutoencoderKL.from_pretrained(resolve_model_path(vae, "model.vae")) if vae
                         else AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
         "text_encoder_2": lambda: CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw),
@@ -153,3 +159,31 @@ def load_components(
         if vae_cfg.exists():
             comps.extra["vae_scaling_factor"] = json.loads(vae_cfg.read_text()).get("scaling_factor", 0.13025)
     return comps
+
+
+def stored_fp32_state(unet: torch.nn.Module, comps: Components, folder: str | None = None) -> dict | None:
+    """The fp32 weights as stored of the base a LoRA was trained on (`folder`: a diffusers UNet folder; None: the
+    model's own UNet), or None when `unet`'s base weights are fp32 already (then they are the stored ones)."""
+    if all(p.dtype == torch.float32 for n, p in unet.named_parameters() if "lora_" not in n):
+        return None
+    if folder is None:
+        return load_fp32_unet(Components(path=comps.path, arch=comps.arch, scheduler_config={},
+                                         extra=comps.extra)).state_dict()
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder).float().state_dict()
+
+
+def load_fp32_unet(comps: Components, device: str | torch.device = "cpu"):
+    """The teacher's UNet in fp32 as stored, for a full student to start from: a copy of `comps.unet` when it is
+    fp32 already, else read again from disk (a student built from the half-precision frozen copy would start
+    from rounded weights, and "zero-init reproduces the teacher" would hold only against that copy)."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    if comps.unet is not None and next(comps.unet.parameters()).dtype == torch.float32:
+        return copy.deepcopy(comps.unet)
+    unet = UNet2DConditionModel.from_pretrained(comps.path, subfolder="unet", revision=comps.extra.get("revision"),
+                                                variant=comps.extra.get("variant"))
+    return unet.to(device=device, dtype=torch.float32)

@@ -1,0 +1,71 @@
+"""Every SDXL / SD 1.5 experiment as users run it, at tiny size: only the model (the random tiny model of the same
+architecture), the data (the tiny world's shards at 64 px) and the step budget (two steps per stage; +debug=fast)
+are swapped. Everything else stays the experiment's own: bf16 autocast with the frozen nets in bf16 (what
+`model.frozen_dtype=auto` picks on a GPU), gradient checkpointing, accumulation, EMA, LoRA, the whole stage chain,
+validation and the export dtype. A new experiment joins by existing."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import CONFIGS, compose_cfg, train
+
+MODELS = {"stabilityai/stable-diffusion-xl-base-1.0": "distill:random-sdxl",
+          "stable-diffusion-v1-5/stable-diffusion-v1-5": "distill:random-sd15"}
+KEPT = ("trainer.mixed_precision", "trainer.gradient_checkpointing", "trainer.gradient_accumulation_steps",
+        "trainer.export_dtype", "method.lora", "method.stages", "method.ema_decay", "trainer.validation_prompts")
+
+
+def _real_size_experiments() -> list[str]:
+    names = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+    return [n for n in names if compose_cfg([f"+experiment={n}"]).model.pretrained in MODELS]
+
+
+def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
+    cfg = compose_cfg([f"+experiment={name}"])
+    frozen = cfg.trainer.mixed_precision if cfg.trainer.mixed_precision in ("bf16", "fp16") else "fp32"
+    return [f"+experiment={name}", "+debug=fast", f"model.pretrained={MODELS[cfg.model.pretrained]}", "model.vae=null",
+            f"model.frozen_dtype={frozen}", "data.kind=images", "data.resolution=64",
+            f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'", f"output_dir={out}"]
+
+
+def _select(cfg, key: str):
+    return OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True) if OmegaConf.is_config(
+        OmegaConf.select(cfg, key)) else OmegaConf.select(cfg, key)
+
+
+def test_the_matrix_holds_every_real_size_experiment():
+    names = _real_size_experiments()
+    assert {"lcm_sdxl", "lcm_lora_sdxl", "lcm_sd15", "lcm_lora_sd15", "lightning_sdxl", "lightning_lora_sdxl"} <= set(names)
+
+
+@pytest.mark.parametrize("name", _real_size_experiments())
+def test_experiment_trains_validates_and_exports_with_its_own_settings(tiny_data, tmp_path, name):
+    own = compose_cfg([f"+experiment={name}"])
+    overrides = _overrides(name, tmp_path / "run", tiny_data)
+    smoke = compose_cfg(overrides)
+    for key in KEPT:  # the swap keeps the experiment's own settings
+        assert _select(smoke, key) == _select(own, key), key
+    run = train(overrides)
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.trainer.mixed_precision == own.trainer.mixed_precision
+    assert saved.trainer.gradient_checkpointing == own.trainer.gradient_checkpointing
+    stages = sorted((run / "stages").iterdir()) if (run / "stages").exists() else [run]
+    if "stages" in own.method:
+        assert [d.name.split("_", 1)[1] for d in stages] == [s.name for s in own.method.stages]
+    for d in stages:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert rows and rows[-1]["step"] == 2, d
+        assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("train/loss")), d
+        assert all(r.get("train/nonfinite_steps", 0) == 0 for r in rows), d
+        assert list((d / "samples").glob("*.png")), f"{d}: no validation grid"
+        info = json.loads((d / "export" / "export.json").read_text())
+        # the run's own export dtype at the end; a stage chain keeps its intermediate exports in fp32
+        want = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[own.trainer.export_dtype]
+        assert info["dtype"] == (want if d == stages[-1] else "float32"), d
+        assert (d / "export" / "unet.safetensors").exists()
+        if info.get("lora"):
+            assert (d / "export" / "lora_kohya.safetensors").exists()
