@@ -50,10 +50,12 @@ def test_experiment_trains_validates_and_exports_with_its_own_settings(tiny_data
     for key in KEPT:  # the swap keeps the experiment's own settings
         assert _select(smoke, key) == _select(own, key), key
     run = train(overrides)
-    saved = OmegaConf.load(run / "config.yaml")
-    assert saved.trainer.mixed_precision == own.trainer.mixed_precision
-    assert saved.trainer.gradient_checkpointing == own.trainer.gradient_checkpointing
     stages = sorted((run / "stages").iterdir()) if (run / "stages").exists() else [run]
+    for d in stages:  # what each run (stage) recorded as its resolved settings
+        saved = OmegaConf.load(d / "config.yaml")
+        assert saved.trainer.mixed_precision == own.trainer.mixed_precision
+        assert saved.trainer.gradient_checkpointing == own.trainer.gradient_checkpointing
+        assert saved.model.frozen_dtype == ("bf16" if own.trainer.mixed_precision == "bf16" else saved.model.frozen_dtype)
     if "stages" in own.method:
         assert [d.name.split("_", 1)[1] for d in stages] == [s.name for s in own.method.stages]
     for d in stages:
