@@ -151,11 +151,16 @@ def _diffusers(info: dict, f: dict, export_dir: str) -> str:
 
 
 def _ui_file(info: dict, f: dict, where: str) -> str:
-    full = f"`checkpoint.safetensors` as the checkpoint ({where})"
     if "lora" not in info:
-        return full
-    on = "the teacher's checkpoint" if f["base"] == f["teacher"] else f"the single-file checkpoint of `{f['base']}`"
-    return f"`{LDM_LORA}` (original module names) at strength 1.0 on {on}; or {full}, the LoRA fused in"
+        return f"`checkpoint.safetensors` as the checkpoint ({where})"
+    if f["base"] == f["teacher"]:
+        on = "the teacher's checkpoint"
+    elif Path(f["base"]).name == "unet":  # a previous stage's export/unet: its single file sits beside it
+        on = f"`{Path(f['base']).parent / 'checkpoint.safetensors'}` (the stage it continues)"
+    else:
+        on = f"the single-file checkpoint of `{f['base']}`"
+    return (f"`{LDM_LORA}` (original module names) at strength 1.0 on {on}; or `checkpoint.safetensors` (the LoRA "
+            f"fused in) as the checkpoint ({where})")
 
 
 def _comfyui(info: dict, f: dict) -> str:

@@ -193,6 +193,7 @@ def test_card_lightning_x0_and_lora_base():
     code = _code(card)
     assert 'UNet2DConditionModel.from_pretrained("/runs/pad/stages/00/export/unet", torch_dtype=dtype)' in code
     assert "x0" not in card and "refiners ignores" in card and "`scale=0.5`" in card
+    assert "on `/runs/pad/stages/00/export/checkpoint.safetensors` (the stage it continues)" in card  # UIs
 
 
 def test_card_builtin_teacher_is_written_as_a_folder():
