@@ -5,8 +5,8 @@ import os
 import hydra
 from omegaconf import DictConfig
 
-import distill
 from distill.config import register_configs
+from distill.runner import run_and_score
 
 register_configs()
 
@@ -14,8 +14,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    distill.run(cfg)
+def main(cfg: DictConfig) -> float:
+    """Train; return `optimize_metric` (what `-m hydra/sweeper=...` sweeps such as Optuna optimise)."""
+    return run_and_score(cfg)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,7 @@ class Config:
     output_dir: Optional[str] = None  # the run folder; None: outputs/<timestamp>, decided once for all ranks
     resume: Optional[str] = None  # latest | a checkpoint folder
     tags: list[str] = field(default_factory=list)
+    optimize_metric: str = "train/loss"  # what train.py returns (Hydra sweepers): its last logged value
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = None
     data: DataConfig = field(default_factory=DataConfig)

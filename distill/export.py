@@ -3,11 +3,14 @@
 `export_student` writes, into one folder:
   lora/pytorch_lora_weights.safetensors  diffusers / PEFT LoRA with its adapter metadata (so alpha != rank loads
                                          at the trained strength; without it diffusers assumes alpha = rank)
-  lora_kohya.safetensors                 `lora_unet_*` keys with the true `.alpha` (A1111, ComfyUI, diffusers)
+  lora_kohya.safetensors                 `lora_unet_*` keys (diffusers module names) with the true `.alpha`
+  lora_ldm.safetensors                   the same with the original (LDM) module names, as kohya's sd-scripts
+                                         writes SDXL LoRAs: the file for ComfyUI and A1111
   unet/, unet.safetensors                the fused UNet: a diffusers folder and one file with diffusers key names
   checkpoint.safetensors                 the original single-file layout (UNet + VAE + text encoders of the
                                          teacher), for ComfyUI / A1111 / `from_single_file`
-  README.md, export.json                 the model card (scheduler, steps, guidance) and the same facts as JSON
+  README.md, export.json                 the model card (distill/card.py: diffusers, ComfyUI, A1111 settings)
+                                         and the same facts as JSON
 
 `load_export` builds a diffusers pipeline from an export with the scheduler its card names (benchmarks use it).
 `python -m distill.export --run RUN_DIR` exports a training run's checkpoint.
@@ -24,9 +27,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill import export_formats as fmt
+from distill.card import CONSISTENCY_SCHEDULERS, LDM_LORA, model_card
+
+__all__ = ["CONSISTENCY_SCHEDULERS", "LDM_LORA", "export_run", "export_student", "load_export", "main", "model_card"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # consistency-model samplers: skip grid, w-embedding
 SCHEDULERS = (*CONSISTENCY_SCHEDULERS, "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample")
 
 
@@ -71,19 +76,20 @@ def export_student(unet: nn.Module, out_dir: Path, *, lora: bool, dtype: torch.d
     files: list[str] = []
     if lora:
         info["lora"] = _export_lora(unet, out, dtype, info["arch"])
-        files += ["lora/pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]
+        files += ["lora/pytorch_lora_weights.safetensors", "lora_kohya.safetensors", LDM_LORA]
     else:  # re-exporting into a folder that held a LoRA export: no stale LoRA beside the new UNet
         import shutil
 
         shutil.rmtree(out / "lora", ignore_errors=True)
-        (out / "lora_kohya.safetensors").unlink(missing_ok=True)
+        for name in ("lora_kohya.safetensors", LDM_LORA):
+            (out / name).unlink(missing_ok=True)
     state = _cast(fmt.fused_state_dict(unet, base=lora_base if lora else None), dtype)
     files += _export_fused(unet.config, state, out)
     files += _export_single_file(dict(unet.config), state, out, dtype, info, base_path)
     info["dtype"] = str(dtype).removeprefix("torch.")
     info["files"] = files
     (out / "export.json").write_text(json.dumps(info, indent=1, default=str))
-    (out / "README.md").write_text(model_card(info))
+    (out / "README.md").write_text(model_card(info, out.resolve()))
 
 
 def _export_lora(unet: nn.Module, out: Path, dtype: torch.dtype, arch: str) -> dict:
@@ -98,6 +104,7 @@ def _export_lora(unet: nn.Module, out: Path, dtype: torch.dtype, arch: str) -> d
     kohya = fmt.lora_kohya_state_dict(unet, dtype=dtype)
     meta = {"format": "pt", "ss_network_dim": str(config.r), "ss_network_alpha": str(config.lora_alpha)}
     save_file(kohya, str(out / "lora_kohya.safetensors"), metadata=meta)
+    save_file(fmt.lora_ldm_state_dict(unet, dict(unet.config), dtype=dtype), str(out / LDM_LORA), metadata=meta)
     return {"rank": int(config.r), "alpha": float(config.lora_alpha), "layers": len(layers),
             "target_modules": metadata.get("target_modules")}
 
@@ -140,110 +147,6 @@ def _export_single_file(config: dict, state: dict[str, torch.Tensor], out: Path,
         sd.update(fmt.clip_to_original(te.state_dict(), fmt.SD15_CLIP_PREFIX))
     save_file(_cast(sd, dtype), str(out / "checkpoint.safetensors"), metadata={"format": "pt"})
     return ["checkpoint.safetensors"]
-
-
-# -- the model card --------------------------------------------------------------------------------------------
-def _scheduler_code(info: dict) -> str:
-    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
-        n = int(info.get("original_inference_steps", 50))
-        extra = f", original_inference_steps={n}" if n != 50 else ""
-        return f"pipe.scheduler = {info['scheduler']}.from_config(pipe.scheduler.config{extra})"
-    sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
-    extra = ', prediction_type="sample"' if sample else ""
-    return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-            f'timestep_spacing="trailing"{extra})')
-
-
-def model_card(info: dict) -> str:
-    """README.md of an export: what it is, how to sample it, and diffusers snippets that load each format."""
-    pipe_cls = "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline"
-    sched_cls = info["scheduler"] if info["scheduler"] in CONSISTENCY_SCHEDULERS else "EulerDiscreteScheduler"
-    steps = list(info["steps"])
-    n, gs = steps[len(steps) // 2] if steps else 4, float(info["guidance_scale"])
-    teacher = info["teacher"]
-    sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
-    head = f"""# {info['method']} student of `{teacher}`
-
-Few-step {info['arch'].upper()} student distilled with `distill` (method `{info['method']}`).
-
-| setting | value |
-|---|---|
-| teacher | `{teacher}` |
-| steps | {', '.join(map(str, steps))} |
-| scheduler | `{info['scheduler']}` ({_scheduler_desc(info)}) |
-| guidance_scale | {gs:g} |
-| prediction type | {'sample (x0)' if sample else 'as the teacher'} |
-| dtype | {info.get('dtype', '')} |
-"""
-    if "lora" in info:
-        lo = info["lora"]
-        scale = lo["alpha"] / lo["rank"]
-        head += f"| LoRA | rank {lo['rank']}, alpha {lo['alpha']:g} (scale {scale:g}), {lo['layers']} layers |\n"
-    if "single_file_baked_w" in info:
-        head += (f"\nThe UNet takes the guidance scale as an input (LCM w-embedding): `unet/` and "
-                 f"`unet.safetensors` keep it (diffusers pipelines pass `guidance_scale` into it and run no "
-                 f"classifier-free guidance). "
-                 f"`checkpoint.safetensors` has no such input, so w = {info['single_file_baked_w']:g} "
-                 f"(guidance_scale {gs:g}) is baked into its time embedding: sample it with CFG 1 "
-                 f"(`guidance_scale=1.0`, ComfyUI cfg 1.0).\n")
-    imports = f"import torch\nfrom diffusers import {pipe_cls}, {sched_cls}, UNet2DConditionModel\n"
-    teacher_expr = f'"{teacher}"'
-    if teacher.startswith("distill:"):  # a distill built-in: plain diffusers needs its folder
-        imports += "from distill.models import resolve_model_path\n"
-        teacher_expr = f'resolve_model_path("{teacher}")'
-    eta = f", eta={float(info['eta']):g}" if "eta" in info else ""  # TCDScheduler's gamma (the pipeline's default: 0)
-    call = f'image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={gs:g}{eta}).images[0]'
-    parts = [head, "\n## Files\n", *[f"- `{f}`\n" for f in info.get("files", [])], "\n## Use with diffusers\n\n"]
-    if "lora" in info:
-        parts.append(f"""LoRA on the teacher (diffusers format; `weight_name="lora_kohya.safetensors"` loads the
-kohya file):
-
-```python
-{imports}pipe = {pipe_cls}.from_pretrained({teacher_expr}, torch_dtype=torch.float16).to("cuda")
-pipe.load_lora_weights("EXPORT_DIR/lora")
-pipe.fuse_lora()
-{_scheduler_code(info)}
-{call}
-```
-
-""")
-    single_gs = 1.0 if "single_file_baked_w" in info else gs
-    parts.append(f"""Fused UNet:
-
-```python
-{imports}unet = UNet2DConditionModel.from_pretrained("EXPORT_DIR/unet", torch_dtype=torch.float16)
-pipe = {pipe_cls}.from_pretrained({teacher_expr}, unet=unet, torch_dtype=torch.float16).to("cuda")
-{_scheduler_code(info)}
-{call}
-```
-
-`unet.safetensors` is the same UNet as one file (`unet.load_state_dict(safetensors.torch.load_file(...))`).
-
-Single file (ComfyUI / A1111 checkpoint; the teacher's VAE and text encoders are inside):
-
-```python
-{imports}pipe = {pipe_cls}.from_single_file("EXPORT_DIR/checkpoint.safetensors",
-    config={teacher_expr},
-    torch_dtype=torch.float16).to("cuda")
-{_scheduler_code(info)}
-image = pipe("a photo of a cat", num_inference_steps={n}, guidance_scale={single_gs:g}{eta}).images[0]
-```
-
-In `distill`: `distill.export.load_export("EXPORT_DIR", "{teacher}")` returns this pipeline.
-""")
-    return "".join(parts)
-
-
-def _scheduler_desc(info: dict) -> str:
-    if info["scheduler"] == "LCMScheduler":
-        return (f"LCMScheduler from the teacher's scheduler config, original_inference_steps="
-                f"{int(info.get('original_inference_steps', 50))}")
-    if info["scheduler"] == "TCDScheduler":
-        return (f"TCDScheduler from the teacher's scheduler config, original_inference_steps="
-                f"{int(info.get('original_inference_steps', 50))}, eta (gamma) = {float(info.get('eta', 0.0)):g} "
-                "in the pipeline call")
-    sample = info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
-    return 'EulerDiscreteScheduler, timestep_spacing="trailing"' + (', prediction_type="sample"' if sample else "")
 
 
 # -- loading back ----------------------------------------------------------------------------------------------

@@ -64,6 +64,32 @@ def lora_kohya_state_dict(model: nn.Module, adapter: str = "default", dtype: tor
     return kohya
 
 
+def lora_ldm_state_dict(model: nn.Module, config: dict, adapter: str = "default",
+                        dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """The kohya file with the original (LDM / SGM) module names, as kohya's sd-scripts writes SDXL LoRAs
+    (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight`): A1111 and ComfyUI map
+    these by the checkpoint's own module names, for SDXL and SD 1.5 alike. A1111's diffusers-name fallback
+    (`convert_diffusers_name_to_compvis`) numbers blocks as SD 1.5 does, so it silently drops SDXL layers
+    such as up_blocks.0.upsamplers.0.conv from the diffusers-named file. Names come from `unet_module_map`,
+    the same table as the single-file checkpoint."""
+    kohya = lora_kohya_state_dict(model, adapter, dtype)
+    out: dict[str, Tensor] = {}
+    for name, ldm in lora_ldm_names(list(lora_layers(model, adapter)), config).items():
+        src, dst = (f"lora_unet_{n.replace('.', '_')}" for n in (name, ldm))
+        for part in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            out[dst + part] = kohya[src + part]
+    return out
+
+
+def lora_ldm_names(names: list[str], config: dict) -> dict[str, str]:
+    """diffusers module path -> original module path for each LoRA layer; raises unless one-to-one."""
+    modules = unet_module_map(config)
+    out = {name: original_name(name, modules) for name in names}
+    if len(set(out.values())) != len(out):
+        raise ValueError("two LoRA layers map to the same original module")
+    return out
+
+
 # -- fusing ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def fused_state_dict(model: nn.Module, adapter: str = "default", base: dict[str, Tensor] | None = None
@@ -161,20 +187,20 @@ def unet_to_original(state: dict[str, Tensor], config: dict, prefix: str = UNET_
         raise ValueError("the original layout has no guidance-embedding input: bake it in first "
                          "(bake_guidance_embedding)")
     modules = unet_module_map(config)
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):  # longest module prefix first
-            module = ".".join(parts[:cut])
-            if module in modules:
-                rest = parts[cut:]
-                if ".resnets." in f".{module}." and rest[0] in _RESNET:
-                    rest = _RESNET[rest[0]].split(".") + rest[1:]
-                out[prefix + ".".join([modules[module], *rest])] = value
-                break
-        else:
-            raise KeyError(f"UNet key {key!r} has no counterpart in the original layout")
-    return out
+    return {prefix + original_name(key, modules): value for key, value in state.items()}
+
+
+def original_name(name: str, modules: dict[str, str]) -> str:
+    """One diffusers UNet key or module path -> its original (LDM / SGM) name, through `unet_module_map`."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # longest module prefix first
+        module = ".".join(parts[:cut])
+        if module in modules:
+            rest = parts[cut:]
+            if ".resnets." in f".{module}." and rest and rest[0] in _RESNET:
+                rest = _RESNET[rest[0]].split(".") + rest[1:]
+            return ".".join([modules[module], *rest])
+    raise KeyError(f"UNet key {name!r} has no counterpart in the original layout")
 
 
 # -- VAE -------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Entry point behind train.py: validate the config, start Accelerate, agree on one run folder, train."""
+"""Entry point behind train.py: validate the config, start Accelerate, agree on one run folder, train; and the
+value train.py returns to Hydra's sweepers."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from datetime import timedelta
@@ -144,3 +146,34 @@ def _link_final_export(run_dir: Path, last_stage_dir: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(last_stage_dir / "export", dst)
+
+
+def run_and_score(cfg: DictConfig) -> float:
+    """train.py's job: train, then return the run's `optimize_metric`, the value Hydra's sweepers (Optuna, Nevergrad,
+    ...) optimise. In a multirun a trial without `output_dir` runs in its own job folder (hydra.sweep.dir/N), not
+    in outputs/<timestamp to the second>, which two short trials would share."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("output_dir") is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.output_dir = HydraConfig.get().runtime.output_dir
+    return final_metric(run(cfg), cfg.get("optimize_metric") or "train/loss")
+
+
+def final_metric(run_dir: Path, key: str) -> float:
+    """The last logged value of `key` in the run's metrics.jsonl (the last stage's for a staged method). train/...
+    values are means over their log window (trainer.log_every_steps), so this is the loss of the last window."""
+    stages = sorted((run_dir / "stages").glob("*/metrics.jsonl"))
+    path = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() or not stages else stages[-1]
+    values = [row[key] for row in _rows(path) if key in row]
+    if values:
+        return float(values[-1])
+    if int(os.environ.get("RANK", "0")) != 0:
+        return math.nan  # rank 0 writes metrics.jsonl; another rank may read it before the last row lands
+    raise KeyError(f"optimize_metric={key!r} was never logged in {path}")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,6 +1,7 @@
 """W&B sweeps (launch/sweeps/*.yaml): every parameter set expands, through wandb's own agent macros, into a
 train.py command whose dotted keys Hydra accepts; a tiny sweep's trials run offline (logger=wandb) and log the
-metric the sweep optimises under exactly its name."""
+metric the sweep optimises under exactly its name. Hydra's own Optuna sweeper (configs/hydra/sweeper/) optimises
+the value train.py returns."""
 
 from __future__ import annotations
 
@@ -128,3 +129,41 @@ def test_tiny_sweep_trial_logs_the_swept_metric_offline(trial, tiny_data, tmp_pa
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["optim"]["lr"] == pytest.approx(params["optim.lr"])
     assert saved["method"]["lora"]["rank"] == params["method.lora.rank"]
+
+
+# -- Hydra's own sweepers: train.py returns optimize_metric -------------------------------------------------------
+def test_optuna_sweep_runs_trials_and_names_the_best(tiny_data, tmp_path):
+    """configs/hydra/sweeper/optuna_lcm_lora_tiny.yaml, 2 tiny trials in one multirun: each trial runs in its own
+    folder (no output_dir given), returns its last train/loss, and the study's result file names the trial with the
+    lowest as best, with the swept keys."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    run_cli([sys.executable, "train.py", "-m", "hydra/sweeper=optuna_lcm_lora_tiny", "+experiment=lcm_lora_tiny",
+             *FAST, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep}"], env={"OMP_NUM_THREADS": "1"})
+    from distill.runner import final_metric
+
+    losses = {}
+    for trial in ("0", "1"):
+        saved = yaml.safe_load((sweep / trial / "config.yaml").read_text())
+        assert saved["output_dir"] == str(sweep / trial)
+        losses[trial] = (final_metric(sweep / trial, "train/loss"), saved)
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    best_loss, best_cfg = min(losses.values(), key=lambda v: v[0])
+    assert result["best_value"] == pytest.approx(best_loss)
+    assert set(result["best_params"]) == {"optim.lr", "method.lora.rank", "optim.warmup_steps"}
+    assert result["best_params"]["method.lora.rank"] == best_cfg["method"]["lora"]["rank"]
+    assert result["best_params"]["optim.lr"] == pytest.approx(best_cfg["optim"]["lr"])
+
+
+def test_final_metric_reads_the_last_window_of_the_last_stage(tmp_path):
+    from distill.runner import final_metric
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/loss": 2.0}\n')
+    assert final_metric(tmp_path, "train/loss") == 2.0
+    with pytest.raises(KeyError, match="optimize_metric='val/fd'"):
+        final_metric(tmp_path, "val/fd")
+    staged = tmp_path / "pad"
+    for i, loss in enumerate((5.0, 4.0)):
+        (staged / "stages" / f"0{i}_s").mkdir(parents=True)
+        (staged / "stages" / f"0{i}_s" / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": loss}))
+    assert final_metric(staged, "train/loss") == 4.0

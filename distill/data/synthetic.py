@@ -185,6 +185,38 @@ def brace_pattern(paths: list[Path]) -> str:
     return str(paths[0].parent / f"{{{paths[0].stem}..{paths[-1].stem}}}.tar")
 
 
+# configs/data/tiny_world.yaml's shards under $DISTILL_DATA (default data/): what `make data` writes.
+DEFAULT_SHARDS = "tiny_world/train/{00000..00019}.tar"
+
+
+def ensure_default_shards(shards: object) -> bool:
+    """Write the tiny world (exactly `make data`'s seeded content) on first use when `shards` is the embedded
+    default's location and a shard is missing, so `train.py +experiment=lcm_lora_tiny` works on a fresh clone.
+    Processes that start together (accelerate launch) serialise on a file lock: the first writes, the others
+    wait and then find the shards. Returns True when this process wrote them."""
+    if not isinstance(shards, str) or not (shards == DEFAULT_SHARDS or shards.endswith("/" + DEFAULT_SHARDS)):
+        return False
+    root = Path(shards).parent.parent  # DIR/tiny_world
+    if _complete(root):
+        return False
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / ".tiny_world.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if _complete(root):
+            return False
+        print(f"distill: the tiny world's shards are missing: writing them to {root} "
+              "(once, seeded, as `make data`; about 20 s)", flush=True)
+        main(["--out", str(root)])
+        (root / ".done").touch()  # the Makefile's stamp: `make data` then skips it
+    return True
+
+
+def _complete(root: Path) -> bool:
+    return all((root / "train" / f"{i:05d}.tar").exists() for i in range(20))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Write the tiny world as WebDataset shards (train and heldout).")
     p.add_argument("--out", required=True, help="output folder; gets train/ and heldout/")

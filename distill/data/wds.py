@@ -229,11 +229,16 @@ def as_data_config(cfg: object) -> DataConfig:
 
 def make_plan(cfg: DataConfig, *, world_size: int, seed: int) -> ShardPlan:
     """Expand and count the shards (sidecars, local tar headers, or `samples_per_shard`) into a ShardPlan."""
+    from distill.data.synthetic import ensure_default_shards
+
+    ensure_default_shards(cfg.shards)  # the embedded default's data, written on first use
     urls = expand_urls(cfg.shards)
     counts = [count_samples(u, cfg.samples_per_shard) for u in urls]
     if sum(counts) == 0:
+        hint = ("; the tiny world's shards are made by `make data` (python -m distill.data.synthetic --out "
+                "DIR/tiny_world)" if "tiny_world" in str(cfg.shards) else "")
         raise DataError(f"data.shards={cfg.shards!r}: {len(urls)} shard(s), none holds a sample "
-                        f"(missing files? first: {urls[0]})")
+                        f"(missing files? first: {urls[0]}){hint}")
     if cfg.equalize not in ("pad", "drop"):
         raise ValueError(f"data.equalize must be 'pad' or 'drop', got {cfg.equalize!r}")
     return ShardPlan(urls, counts, world_size, max(1, cfg.num_workers), cfg.batch_size, seed,

@@ -1,0 +1,207 @@
+"""The model card of an export (export/README.md): what the student is and how to sample it in diffusers,
+ComfyUI, A1111 and refiners.
+
+The diffusers snippets run with diffusers alone (no `distill` import: the teacher is written out as a hub id or
+an absolute folder), on CUDA in fp16 or on the CPU in fp32, so a user can paste them unchanged and the tests run
+them as they are. The UI settings follow from the sampler the student was trained for: LCMScheduler -> ComfyUI's
+`lcm` sampler; trailing Euler (SDXL-Lightning) -> `euler` + `sgm_uniform`, and ModelSamplingDiscrete `x0` for an
+x0-predicting (1-step) student, which otherwise samples garbage because ComfyUI assumes eps prediction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # consistency-model samplers: skip grid, w-embedding
+LDM_LORA = "lora_ldm.safetensors"  # original (LDM) module names: ComfyUI, A1111 (and diffusers for SDXL)
+PROMPT = "a photo of a cat"
+
+
+def predicts_x0(info: dict) -> bool:
+    return info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
+
+
+def model_ref(name: str) -> str:
+    """A model reference plain diffusers can load: `distill:NAME` built-ins and relative folders become absolute
+    folders (valid on the machine that exported; hub ids stay as they are)."""
+    if name.startswith("distill:"):
+        from distill.models.loader import resolve_model_path
+
+        return resolve_model_path(name)
+    return str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
+
+
+def scheduler_code(info: dict) -> str:
+    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
+        n = int(info.get("original_inference_steps", 50))
+        extra = f", original_inference_steps={n}" if n != 50 else ""
+        return f"pipe.scheduler = {info['scheduler']}.from_config(pipe.scheduler.config{extra})"
+    extra = ', prediction_type="sample"' if predicts_x0(info) else ""
+    return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
+            f'timestep_spacing="trailing"{extra})')
+
+
+def scheduler_desc(info: dict) -> str:
+    n = int(info.get("original_inference_steps", 50))
+    if info["scheduler"] == "LCMScheduler":
+        return f"LCMScheduler from the teacher's scheduler config, original_inference_steps={n}"
+    if info["scheduler"] == "TCDScheduler":
+        return (f"TCDScheduler from the teacher's scheduler config, original_inference_steps={n}, eta (gamma) = "
+                f"{float(info.get('eta', 0.0)):g} in the pipeline call")
+    return 'EulerDiscreteScheduler, timestep_spacing="trailing"' + (', prediction_type="sample"'
+                                                                     if predicts_x0(info) else "")
+
+
+def _facts(info: dict) -> dict:
+    steps = list(info["steps"])
+    gs = float(info["guidance_scale"])
+    return {"pipe": "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline",
+            "sched": info["scheduler"] if info["scheduler"] in CONSISTENCY_SCHEDULERS else "EulerDiscreteScheduler",
+            "steps": steps, "n": steps[len(steps) // 2] if steps else 4, "gs": gs,
+            # the single file has no w input: a w-embedding student's w is baked in and samples with CFG 1
+            "ui_cfg": 1.0 if "single_file_baked_w" in info else gs,
+            "eta": f", eta={float(info['eta']):g}" if "eta" in info else "",  # TCD's gamma (the pipeline's: 0)
+            "teacher": info["teacher"], "base": info.get("lora_base") or info["teacher"]}
+
+
+def model_card(info: dict, export_dir: str | Path = "EXPORT_DIR") -> str:
+    """README.md of an export: settings, files, diffusers snippets for each format, ComfyUI / A1111 / refiners."""
+    f = _facts(info)
+    parts = [_head(info, f), "\n## Files\n\n", *[f"- `{x}`\n" for x in info.get("files", [])],
+             "\n## Use with diffusers\n\n", _diffusers(info, f, str(export_dir)), _comfyui(info, f), _a1111(info, f)]
+    if "lora" in info and info["lora"]["alpha"] != info["lora"]["rank"]:
+        scale = info["lora"]["alpha"] / info["lora"]["rank"]
+        parts.append(f"\n## refiners\n\nrefiners ignores the files' `.alpha`: load the LoRA with "
+                     f"`scale={scale:g}` (alpha / rank), not its default LCM-LoRA scale.\n")
+    parts.append(f'\nIn `distill`: `distill.export.load_export("{export_dir}", "{f["teacher"]}")` returns the fused '
+                 "pipeline with this scheduler.\n")
+    return "".join(parts)
+
+
+def _head(info: dict, f: dict) -> str:
+    head = f"""# {info['method']} student of `{f['teacher']}`
+
+Few-step {info['arch'].upper()} student distilled with `distill` (method `{info['method']}`).
+
+| setting | value |
+|---|---|
+| teacher | `{f['teacher']}` |
+| steps | {', '.join(map(str, f['steps']))} |
+| scheduler | `{info['scheduler']}` ({scheduler_desc(info)}) |
+| guidance_scale | {f['gs']:g} |
+| prediction type | {'sample (x0)' if predicts_x0(info) else 'as the teacher'} |
+| dtype | {info.get('dtype', '')} |
+"""
+    if "lora" in info:
+        lo = info["lora"]
+        head += (f"| LoRA | rank {lo['rank']}, alpha {lo['alpha']:g} (scale {lo['alpha'] / lo['rank']:g}), "
+                 f"{lo['layers']} layers, on `{f['base']}` |\n")
+    if "single_file_baked_w" in info:
+        head += (f"\nThe UNet takes the guidance scale as an input (LCM w-embedding): `unet/` and "
+                 f"`unet.safetensors` keep it (diffusers pipelines pass `guidance_scale` into it and run no "
+                 f"classifier-free guidance). `checkpoint.safetensors` has no such input, so "
+                 f"w = {info['single_file_baked_w']:g} (guidance_scale {f['gs']:g}) is baked into its time embedding: "
+                 f"sample it with CFG 1 (`guidance_scale=1.0`, ComfyUI / A1111 CFG 1.0).\n")
+    return head
+
+
+def _snippet(f: dict, export_dir: str, load: str, gs: float, name: str, info: dict) -> str:
+    """One runnable python block: device and dtype chosen at run time, the pipeline built by `load`."""
+    return f"""```python
+import torch
+from diffusers import {f['pipe']}, {f['sched']}, UNet2DConditionModel
+
+EXPORT_DIR = "{export_dir}"  # this folder
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = torch.float16 if device == "cuda" else torch.float32
+{load}
+{scheduler_code(info)}
+image = pipe("{PROMPT}", num_inference_steps={f['n']}, guidance_scale={gs:g}{f['eta']}).images[0]
+image.save("{name}.png")
+```
+
+"""
+
+
+def _diffusers(info: dict, f: dict, export_dir: str) -> str:
+    teacher = json.dumps(model_ref(f["teacher"]))
+    out = []
+    if "lora" in info:
+        if f["base"] == f["teacher"]:
+            load = f"pipe = {f['pipe']}.from_pretrained({teacher}, torch_dtype=dtype).to(device)\n"
+        else:  # a later PAD stage: the LoRA continues a student UNet, not the teacher
+            base = json.dumps(model_ref(f["base"]))
+            load = (f"unet = UNet2DConditionModel.from_pretrained({base}, torch_dtype=dtype)\n"
+                    f"pipe = {f['pipe']}.from_pretrained({teacher}, unet=unet, torch_dtype=dtype).to(device)\n")
+        load += 'pipe.load_lora_weights(EXPORT_DIR + "/lora")\npipe.fuse_lora()'
+        out.append(f"LoRA on `{f['base']}` (diffusers format; `weight_name=\"lora_kohya.safetensors\"` or "
+                   f"`\"{LDM_LORA}\"` (SDXL) loads the other files):\n\n")
+        out.append(_snippet(f, export_dir, load, f["gs"], "lora", info))
+    load = (f'unet = UNet2DConditionModel.from_pretrained(EXPORT_DIR + "/unet", torch_dtype=dtype)\n'
+            f"pipe = {f['pipe']}.from_pretrained({teacher}, unet=unet, torch_dtype=dtype).to(device)")
+    out += ["Fused UNet:\n\n", _snippet(f, export_dir, load, f["gs"], "fused", info),
+            ("`unet.safetensors` is the same UNet as one file "
+             "(`unet.load_state_dict(safetensors.torch.load_file(...))`).\n\n"),
+            "Single file (the ComfyUI / A1111 checkpoint; the teacher's VAE and text encoders are inside):\n\n"]
+    load = (f'pipe = {f["pipe"]}.from_single_file(EXPORT_DIR + "/checkpoint.safetensors", config={teacher}, '
+            "torch_dtype=dtype).to(device)")
+    out.append(_snippet(f, export_dir, load, f["ui_cfg"], "single_file", info))
+    return "".join(out)
+
+
+def _ui_file(info: dict, f: dict, where: str) -> str:
+    if "lora" not in info:
+        return f"`checkpoint.safetensors` as the checkpoint ({where})"
+    if f["base"] == f["teacher"]:
+        on = "the teacher's checkpoint"
+    elif Path(f["base"]).name == "unet":  # a previous stage's export/unet: its single file sits beside it
+        on = f"`{Path(f['base']).parent / 'checkpoint.safetensors'}` (the stage it continues)"
+    else:
+        on = f"the single-file checkpoint of `{f['base']}`"
+    return (f"`{LDM_LORA}` (original module names) at strength 1.0 on {on}; or `checkpoint.safetensors` (the LoRA "
+            f"fused in) as the checkpoint ({where})")
+
+
+def _comfyui(info: dict, f: dict) -> str:
+    n, cfg, lines = f["n"], f["ui_cfg"], []
+    loader = "LoraLoaderModelOnly" if "lora" in info else "Load Checkpoint"
+    lines.append(f"- file: {_ui_file(info, f, 'models/checkpoints')}; LoRA files go in models/loras ({loader})")
+    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
+        lines.append(f"- KSampler: sampler `lcm`, scheduler `sgm_uniform`, steps {n}, cfg {cfg:g}; "
+                     "ModelSamplingDiscrete sampling `lcm` before it (the consistency boundary scalings)")
+        orig = int(info.get("original_inference_steps", 50))
+        if orig != 50:
+            lines.append(f"- ComfyUI's `lcm` sampling assumes the 50-step skip grid; this student was trained on "
+                         f"{orig} (diffusers' `original_inference_steps={orig}` above is exact)")
+        if info["scheduler"] == "TCDScheduler":
+            lines.append(f"- TCD (eta {float(info.get('eta', 0.0)):g}) is not in core ComfyUI: use a TCD custom "
+                         "node; the core `lcm` sampler is TCD with eta 1")
+    else:
+        lines.append(f"- KSampler: sampler `euler`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
+                     f"cfg {cfg:g}")
+        if predicts_x0(info):
+            lines.append("- the student predicts x0: add ModelSamplingDiscrete with sampling `x0` between the model "
+                         "and the KSampler (without it the image is noise)")
+    if info["teacher"].startswith("distill:"):
+        lines.append("- the tiny world's models are too small for ComfyUI's and A1111's model detection; these "
+                     "settings are those of the same recipe at SDXL / SD 1.5 size")
+    return "\n## ComfyUI\n\n" + "\n".join(lines) + "\n"
+
+
+def _a1111(info: dict, f: dict) -> str:
+    n, cfg = f["n"], f["ui_cfg"]
+    lines = [f"- file: {_ui_file(info, f, 'models/Stable-diffusion')}"]
+    if "lora" in info:
+        lines.append(f"- LoRA: `{LDM_LORA}` in models/Lora, prompt `<lora:{LDM_LORA.removesuffix('.safetensors')}:1>`")
+    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
+        lines.append(f"- sampler `LCM`, steps {n}, CFG scale {cfg:g}")
+        if int(info.get("original_inference_steps", 50)) != 50:
+            lines.append("- A1111's LCM sampler assumes the 50-step skip grid, as ComfyUI's does")
+        if info["scheduler"] == "TCDScheduler":
+            lines.append("- A1111 has no TCD sampler: `LCM` is TCD with eta 1")
+    else:
+        lines.append(f"- sampler `Euler`, schedule type `SGM Uniform`, steps {n}, CFG scale {cfg:g}")
+        if predicts_x0(info):
+            lines.append("- A1111 has no x0-prediction setting: sample this student with diffusers or ComfyUI")
+    return "\n## A1111 (Stable Diffusion web UI)\n\n" + "\n".join(lines) + "\n"
