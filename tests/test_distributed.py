@@ -8,6 +8,7 @@ config and calls `distill.run`, recording which samples each rank's trainer rece
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -297,3 +298,25 @@ def _probe(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _probe(sys.argv[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["lcm_lora_tiny", "lcm_tiny", "lightning_tiny"])
+def test_deepspeed_bf16_calls_that_bypass_the_engine_get_inputs_of_its_dtype(experiment, eq_shards, tmp_path):
+    """DeepSpeed bf16 casts the engines' modules to bf16 and Accelerate does not autocast them, so every call that
+    bypasses an engine (LCD-LoRA's teacher and target, PAD's D-phase student and G-phase D, validation sampling)
+    must cast its inputs. Before, the first of them raised 'mat1 and mat2 must have the same dtype'."""
+    pytest.importorskip("deepspeed")
+    ds = ["--config_file", str(ROOT / "launch/accelerate/deepspeed_zero2.yaml"), "--num_processes", "2"]
+    run = tmp_path / "ds"
+    extra = ["method.lora.rank=4"] if experiment == "lcm_lora_tiny" else []
+    launch(run, [f"+experiment={experiment}", "+debug=fast", f"data.shards='{eq_shards}'", "data.batch_size=2",
+                 "trainer.deepspeed_gloo=true", "trainer.mixed_precision=bf16", "model.frozen_dtype=bf16", *extra],
+           procs=2, extra=ds, env={"ACCELERATE_USE_CPU": "false"})
+    runs = sorted((run / "stages").iterdir()) if (run / "stages").exists() else [run]
+    for d in runs:
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        losses = [v for r in rows for k, v in r.items() if k.startswith("train/") and k.endswith("loss")]
+        assert losses and all(math.isfinite(v) for v in losses) and rows[-1]["step"] == 2, d
+        assert (d / "export" / "export.json").exists(), d
+        assert list((d / "samples").glob("*.png")), d

@@ -2,7 +2,8 @@
 DDIM / Euler / DPM-Solver++ steps, classifier-free guidance in one batched forward, consistency scalings and
 samplers. Small pure torch functions; parity tests against diffusers' schedulers are their contract."""
 
-from distill.diffusion.guidance import UNetCond, guided_ddim_step, guided_prediction, unet_output
+from distill.diffusion.guidance import (Fp32Io, UNetCond, call_unet, guided_ddim_step, guided_prediction, unet_output,
+                                       weight_dtype)
 from distill.diffusion.sampling import (
     make_generators,
     randn,
@@ -31,9 +32,11 @@ from distill.diffusion.solvers import (
 
 __all__ = [
     "DPMSolverPP2M",
+    "Fp32Io",
     "NoiseSchedule",
     "UNetCond",
     "add_noise",
+    "call_unet",
     "consistency_scalings",
     "ddim_step",
     "euler_sigmas",
@@ -47,10 +50,11 @@ __all__ = [
     "make_generators",
     "move",
     "randn",
+    "weight_dtype",
     "sample_lcm",
     "sample_lightning",
     "sample_teacher",
     "seeded_noise",
     "to_x0_eps",
-    "unet_output",
+    "unet_output", "call_unet", "weight_dtype", "Fp32Io",
 ]

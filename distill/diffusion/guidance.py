@@ -102,6 +102,33 @@ def unet_output(out: Any) -> Tensor:
     return out.sample if hasattr(out, "sample") else out[0]
 
 
+def weight_dtype(module: Any) -> torch.dtype:
+    """The dtype of a network's (first floating) weights: what its inputs must be in when nothing autocasts it
+    (a half-precision frozen net, or a DeepSpeed bf16 engine, which Accelerate does not autocast)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def call_unet(unet: Callable[..., Any], x: Tensor, t: Tensor | int, cond: UNetCond) -> Tensor:
+    """`unet(x, t, **cond)` with the inputs cast to the UNet's weight dtype and the prediction returned in fp32,
+    so what the caller computes from it (x0, eps, solver steps) stays fp32."""
+    dt = weight_dtype(unet)
+    return unet_output(unet(x.to(dt), t, **cond.to(dtype=dt).kwargs())).float()
+
+
+class Fp32Io:
+    """A UNet called like one, with its inputs cast to its weight dtype and its prediction returned in fp32: lets
+    samplers keep their state and steps in fp32 around a half-precision (or DeepSpeed bf16) network."""
+
+    def __init__(self, unet: Any):
+        self.unet = unet
+
+    def __call__(self, x: Tensor, t: Tensor | int, **kwargs: Any) -> Tensor:
+        dt = weight_dtype(self.unet)
+        cond = UNetCond(kwargs.pop("encoder_hidden_states"), **kwargs.pop("added_cond_kwargs", {}),
+                        timestep_cond=kwargs.pop("timestep_cond", None))
+        return unet_output(self.unet(x.to(dt), t, **cond.to(dtype=dt).kwargs(), **kwargs)).float()
+
+
 def _per_sample(scale: float | Tensor, like: Tensor) -> float | Tensor:
     if isinstance(scale, Tensor) and scale.ndim == 1:
         return scale.to(like.device, like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from distill.diffusion import UNetCond
+from distill.diffusion import UNetCond, weight_dtype
 
 
 class UNetEncoder(nn.Module):
@@ -134,6 +134,9 @@ class Discriminator(nn.Module):
         """Logits (K B,) of K B candidates x_s (K blocks of the B samples, e.g. [real; fake]) at timesteps s (K B,),
         for conditions `cond` of the B samples; the conditional D also takes each sample's x_t at t (B,).
         Everything goes through the backbone as ONE batch (one DDP forward per phase)."""
+        dt = weight_dtype(self.backbone)  # inputs in D's weight dtype: a DeepSpeed bf16 engine is not autocast
+        x_s, cond = x_s.to(dt), cond.to(dtype=dt)
+        x_t = None if x_t is None else x_t.to(dt)
         b = cond.batch_size
         k = x_s.shape[0] // b
         if k * b != x_s.shape[0]:

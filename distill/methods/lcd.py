@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distill.diffusion import (NoiseSchedule, UNetCond, add_noise, consistency_scalings, guided_ddim_step,
-                               lcm_skip_grid, sample_lcm, to_x0_eps)
+from distill.diffusion import (Fp32Io, NoiseSchedule, UNetCond, add_noise, call_unet, consistency_scalings, guided_ddim_step,
+                               lcm_skip_grid, sample_lcm, to_x0_eps, weight_dtype)
 from distill.methods.base import Batch, Method
 from distill.models.adapters import EMA, adapters_disabled, add_lora, guidance_embedding, student_with_w_embedding
 from distill.models.loader import load_fp32_unet, stored_fp32_state
@@ -69,8 +69,7 @@ class LCD(Method):
     def _consistency(self, unet, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
         """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t): the boundary-conditioned consistency function."""
         m = self.cfg.method
-        out = unet(x, t, **cond.kwargs()).sample
-        x0, _ = to_x0_eps(out.float(), x, t, self.schedule)
+        x0, _ = to_x0_eps(call_unet(unet, x, t, cond), x, t, self.schedule)
         c_skip, c_out = consistency_scalings(t, m.timestep_scaling, m.sigma_data)
         shape = (-1,) + (1,) * (x.ndim - 1)
         return c_skip.to(x).view(shape) * x + c_out.to(x).view(shape) * x0
@@ -90,7 +89,8 @@ class LCD(Method):
             # Teacher: one DDIM step on LCM-form guidance, cond + uncond (all-zero text) in ONE 2B forward.
             if self.lora:
                 with adapters_disabled(self.student):
-                    x_s, _, _ = guided_ddim_step(self.student, x_t, t, s, cond, cond.zeros_like(), w, self.schedule)
+                    x_s, _, _ = guided_ddim_step(self.student, x_t, t, s, cond, cond.zeros_like(), w, self.schedule,
+                                                 net_dtype=weight_dtype(self.student))
             else:
                 # only the UNet's inputs in the teacher's dtype: the DDIM step and w stay fp32 (a bf16 x_s moves
                 # about one ulp at t = 999, and the huber c is 1e-3)
@@ -132,7 +132,7 @@ class LCD(Method):
         was_training = self.student.training
         self.student.eval()
         try:
-            return sample_lcm(self.student, noise, self._cond(cond, w), self.schedule, num_steps, seeds,
+            return sample_lcm(Fp32Io(self.student), noise, self._cond(cond, w), self.schedule, num_steps, seeds,
                               original_inference_steps=len(self.grid), gamma=self.cfg.method.inference_gamma)
         finally:
             self.student.train(was_training)

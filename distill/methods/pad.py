@@ -35,15 +35,17 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from distill.diffusion import (
+    Fp32Io,
     NoiseSchedule,
     UNetCond,
     add_noise,
+    call_unet,
     guided_prediction,
     inference_timesteps,
     move,
     sample_lightning,
     to_x0_eps,
-    unet_output,
+    weight_dtype,
 )
 from distill.methods.base import Batch, Method
 from distill.methods.discriminator import Discriminator
@@ -90,6 +92,8 @@ class PAD(Method):
         self.discriminator: Discriminator | None = None
         if self.adversarial:  # before add_lora, which changes the base UNet in place
             src = base if m.discriminator_init == "base" else self.teacher
+            if src is base and weight_dtype(base) != torch.float32:
+                src = load_fp32_unet(comps)  # D trains in fp32 from the stored weights, not the rounded frozen copy
             self.discriminator = Discriminator(src, self._latent_size(cfg), m.d_head_channels,
                                                st.discriminator == "conditional").to(device)
         self.shared = st.lora and m.lora_init is None and m.student_init == m.teacher  # teacher = adapters off
@@ -172,7 +176,7 @@ class PAD(Method):
         return x
 
     def _student_move(self, unet: nn.Module, x_t: Tensor, t: Tensor, t_next: Tensor, cond: UNetCond) -> Tensor:
-        out = unet_output(unet(x_t, t, **cond.kwargs())).float()
+        out = call_unet(unet, x_t, t, cond)
         return move(x_t, out, t, t_next, self.schedule, self.student_pred)
 
     def _draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -206,7 +210,7 @@ class PAD(Method):
         if self.stage.objective == "x0":
             with torch.no_grad():
                 target, _ = to_x0_eps(self._teacher_output(x_t, t, cond), x_t, t, self.schedule, self.teacher_pred)
-            pred = unet_output(self.modules["student"](x_t, t, **cond.kwargs())).float()
+            pred = call_unet(self.modules["student"], x_t, t, cond)
             return {"loss": F.mse_loss(pred, target)}
         cond_d = (x_t, t) if self.stage.discriminator == "conditional" else (None, None)
         if phase == "d":
@@ -285,10 +289,8 @@ class PAD(Method):
         unet = self.student_raw
         was_training = unet.training
         unet.eval()
-        dt = next(unet.parameters()).dtype
-        try:
-            return sample_lightning(unet, noise.to(dt), cond.to(dtype=dt), self.schedule, num_steps,
-                                    self.student_pred).float()
+        try:  # the Euler state in fp32 around the student's weight dtype
+            return sample_lightning(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, self.student_pred)
         finally:
             unet.train(was_training)
 
