@@ -49,6 +49,7 @@ from distill.models import Components, load_components
 from distill.models.adapters import adapters_disabled
 from distill.models.tiny import SDXL_SCHEDULER
 from distill.runner import make_accelerator
+from distill.stages import stage_config  # noqa: E402
 from distill.trainer import Trainer, frozen_dtype
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -159,11 +160,12 @@ def method_config(name: str, size: str, batch: int, overrides: list[str]):
     ov += overrides  # last: the caller's overrides win
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = validate(compose(config_name="train", overrides=ov))
-    stages = METHOD_CLASSES[cfg.method.name].stages(cfg, Path(tempfile.gettempdir()) / "throughput")
-    cfg = stages[METHODS[name][2]]
-    if cfg.method.name == "pad":
-        cfg.method.student_init = cfg.method.lora_init = cfg.method.teacher = None
-        cfg.method.teacher_prediction_type = cfg.method.student_prediction_type
+    stages = METHOD_CLASSES[cfg.method.name].plan(cfg, Path(tempfile.gettempdir()) / "throughput")
+    index = METHODS[name][2]
+    stage = stages[index]
+    cfg = stage_config(cfg, stage, staged=False, last=True)
+    if cfg.method.name == "pad":  # the chosen stage alone: built without a Stage, it starts from the base model
+        cfg.method.stages = [cfg.method.stages[index]]
     return cfg
 
 
@@ -250,7 +252,7 @@ def lcd_parts(tr: Trainer, batch: Batch) -> dict[str, Fn]:
     parts = {"teacher_fwd_2B": teacher, "target_fwd": target, "student_fwd_bwd": student,
              **update_parts(tr, 0, student)}
     if m.ema is not None:
-        parts["ema_update"] = lambda: m.after_step(1)
+        parts["ema_update"] = lambda: m.ema.update(m.student)
     return parts
 
 
@@ -270,7 +272,7 @@ def pad_parts(tr: Trainer, batch: Batch) -> dict[str, Fn]:
     with torch.no_grad():
         fake = m._student_move(m.student_raw, x_t, t, t_next, cond)
     (real_d, fake_d), s = m._for_d(batch, [real, fake], t_next)
-    d_i, g_i = m.optimizer_names.index("d"), m.optimizer_names.index("g")
+    d_i, g_i = tr.index["d"], tr.index["g"]
 
     def student_move() -> None:
         with torch.no_grad():

@@ -209,10 +209,13 @@ def export_run(run_dir: str | Path, checkpoint: str | None = None, out: str | Pa
     run = Path(run_dir)
     cfg = validate(OmegaConf.load(run / "config.yaml"))
     ckpt = latest_checkpoint(run) if checkpoint is None else _checkpoint_path(run, checkpoint)
-    kind = METHOD_CLASSES[cfg.method.name].input_kind
-    comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, parts=("unet", "vae") if kind == "pixels"
-                            else ("unet",), revision=cfg.model.revision, variant=cfg.model.variant)
-    method = build_method(cfg, comps, torch.device("cpu"))
+    from distill.batch import needed_parts
+    from distill.stages import Stage
+
+    parts = needed_parts(METHOD_CLASSES[cfg.method.name].input_kind, "latents")  # what training, not data, needs
+    comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, parts=parts, revision=cfg.model.revision,
+                            variant=cfg.model.variant)
+    method = build_method(cfg, comps, torch.device("cpu"), stage=Stage.read(run))  # a stage folder: its stage.json
     for i, (name, module) in enumerate(method.modules.items()):
         path = ckpt / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
         if not path.exists():

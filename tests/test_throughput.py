@@ -99,4 +99,4 @@ def test_sdxl_unet_config_is_the_real_sdxl(tp):
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     cfg = tp.method_config("pad_adversarial", "sdxl", 4, [])
     assert cfg.data.resolution // 8 == tp.SDXL_UNET["sample_size"] and cfg.trainer.mixed_precision == "bf16"
-    assert cfg.method.teacher is None and cfg.method.student_init is None  # every model is the base here
+    assert [s.name for s in cfg.method.stages] == ["s8_cond_lora"]  # one stage, built from the base model

@@ -9,11 +9,16 @@ student under stop-grad, and w is fixed (a LoRA student has no w input) unless a
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from distill.callbacks import EMAUpdate
+from distill.config import ConfigError, LoraConfig
+from distill.optim import OptimizerSpec
 
 from distill.diffusion import (Fp32Io, NoiseSchedule, UNetCond, add_noise, call_unet, consistency_scalings, guided_ddim_step,
                                lcm_skip_grid, sample_lcm, to_x0_eps, weight_dtype)
@@ -27,9 +32,54 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     return (torch.sqrt((a - b) ** 2 + c * c) - c).mean()
 
 
+@dataclass
+class LCDConfig:
+    name: str = "lcd"
+    lora: LoraConfig = field(default_factory=LoraConfig)  # disabled: full-UNet student, w-embedding, EMA target
+    num_ddim_timesteps: int = 50
+    w_min: float = 3.0  # LCM-form guidance scale w (standard scale w + 1); fixed when w_min == w_max
+    w_max: float = 15.0
+    inference_w: Optional[float] = None  # w for validation grids and the export card (full LCD: within
+    #   [w_min, w_max]); None: 7.5 (the LCM papers' choice) clamped into [w_min, w_max]
+    inference_gamma: Optional[float] = None  # the sampler of validation grids and the export card: None =
+    #   LCMScheduler (full re-noising each step); a value in [0, 1] = TCDScheduler with eta = gamma (0: deterministic)
+    w_embedding_dim: int = 256
+    loss: str = "huber"  # huber | l2
+    huber_c: float = 1e-3
+    timestep_scaling: float = 10.0
+    sigma_data: float = 0.5
+    ema_decay: float = 0.95  # per step; an alias of ema_half_life_images, which wins when set
+    ema_half_life_images: Optional[float] = None  # the EMA target's half-life in images (edm): batch-size free
+
+
 class LCD(Method):
-    def __init__(self, cfg, comps, device):
-        super().__init__(cfg, comps, device)
+    Config = LCDConfig
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        m = cfg.method
+        if m.w_min > m.w_max:
+            raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
+        if m.loss not in ("huber", "l2"):
+            raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
+        if m.inference_w is not None and not m.lora.enabled and not m.w_min <= m.inference_w <= m.w_max:
+            raise ConfigError(f"method.inference_w={m.inference_w} is outside the trained range "
+                              f"[method.w_min, method.w_max] = [{m.w_min}, {m.w_max}]")
+        if m.inference_gamma is not None and not 0.0 <= m.inference_gamma <= 1.0:
+            raise ConfigError(f"method.inference_gamma={m.inference_gamma}: expected null (LCMScheduler) or a value "
+                              "in [0, 1] (TCDScheduler's eta)")
+        too_many = [s for s in cfg.trainer.validation_steps if s > m.num_ddim_timesteps]
+        if too_many:
+            raise ConfigError(f"trainer.validation_steps has {too_many}: an LCD student samples at most "
+                              f"method.num_ddim_timesteps={m.num_ddim_timesteps} steps (its skip grid)")
+        if m.num_ddim_timesteps < 1 or 1000 % m.num_ddim_timesteps:
+            raise ConfigError(f"method.num_ddim_timesteps={m.num_ddim_timesteps} must divide 1000 (the skip grid "
+                              "t_i = (i + 1) * 1000 / N - 1 that LCMScheduler's original_inference_steps samples)")
+        if m.ema_half_life_images is not None and m.ema_half_life_images <= 0:
+            raise ConfigError(f"method.ema_half_life_images={m.ema_half_life_images} must be > 0")
+
+    def __init__(self, cfg, comps, device, stage=None):
+        super().__init__(cfg, comps, device, stage)
         m = cfg.method
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.grid = lcm_skip_grid(self.schedule.num_train_timesteps, m.num_ddim_timesteps).to(device)
@@ -53,8 +103,13 @@ class LCD(Method):
             self.student.enable_gradient_checkpointing()
         self.modules = {"student": self.student}
 
-    def param_groups(self):
-        return [[{"params": self.trainable}]]
+    def optimizers(self) -> list[OptimizerSpec]:
+        return [OptimizerSpec("g", [{"params": self.trainable}])]
+
+    def callbacks(self):
+        if self.ema is None:
+            return []
+        return [EMAUpdate(self.ema, self.student, self.cfg.method.ema_half_life_images)]
 
     # -- the objective (LCM Algorithm 1) ---------------------------------------------------------------------
     def _w(self, batch: Batch, device) -> Tensor:
@@ -109,10 +164,6 @@ class LCD(Method):
         else:
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         return {"loss": loss}
-
-    def after_step(self, step: int) -> None:
-        if self.ema is not None:
-            self.ema.update(self.student)
 
     def state_dict(self):
         return self.ema.state_dict() if self.ema is not None else {}
