@@ -35,11 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from realsize import EXPERIMENTS, TINY_MODEL, latent_side, run_steps, stage_config
+from throughput import machine, matmul_peak_flops, sdxl_components, synthetic_batch
 
 from distill.diffusion import NoiseSchedule, add_noise, guided_ddim_step, lcm_skip_grid
 from distill.models import load_components
-from realsize import EXPERIMENTS, TINY_MODEL, latent_side, run_steps, stage_config
-from throughput import machine, matmul_peak_flops, sdxl_components, synthetic_batch
 
 ORDER = ["lcd_lora", "pad_adversarial_lora", "lcd_full"]  # the heaviest last: a timeout costs the least
 
@@ -91,9 +91,6 @@ def teacher_step_precision(device: torch.device, tiny: bool, batch: int = 2, w: 
                          step_mean_abs=float((ref - x_t).abs().mean()),
                          mixed_max=float(d_mixed.max()), mixed_mean=float(d_mixed.mean()),
                          all_bf16_max=float(d_all.max()), all_bf16_mean=float(d_all.mean())))
-    del unet16, unet32, comps
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -118,8 +115,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     elif result.get("precision_error"):
         lines += [f"Teacher-step precision: failed: `{result['precision_error']}`", ""]
-    lines += ["| method | experiment (stage) | batch | latents | ckpt | samples/s | step s | peak GiB | states GiB "
-              "| GFLOP/step | TFLOP/s | MFU | loss |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [("| method | experiment (stage) | batch | latents | ckpt | samples/s | step s | peak GiB | states GiB "
+               "| GFLOP/step | TFLOP/s | MFU | loss |"), "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | {EXPERIMENTS[r['method']][0]} | - | - | - | - | - | - | - | - | - | - | "
@@ -160,6 +157,8 @@ def run(args) -> dict:
         print(f"[gpu_check] bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
         try:
             result["precision"] = teacher_step_precision(device, args.tiny)
+            if cuda:
+                torch.cuda.empty_cache()  # the fp32 copy (10 GB) is gone with the function's locals
         except Exception as e:  # noqa: BLE001 - a failed part is a result, the other parts still run
             traceback.print_exc()
             result["precision_error"] = f"{type(e).__name__}: {e}"[:400]

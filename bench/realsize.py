@@ -19,14 +19,21 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import (
+    BenchTrainer,
+    count_flops,
+    experiment_config,
+    peak_memory,
+    reset_peak_memory,
+    sdxl_components,
+    synthetic_batch,
+)
 from torch import nn
 
 from distill.export_formats import lora_kohya_state_dict, lora_layers
 from distill.models import load_components
 from distill.runner import make_accelerator
 from distill.trainer import frozen_dtype
-from throughput import (BenchTrainer, count_flops, experiment_config, peak_memory, reset_peak_memory,
-                        sdxl_components, synthetic_batch)
 
 # name -> (experiment, stage index): the *_sdxl experiments' own settings (bf16 autocast, gradient checkpointing,
 # LoRA rank / alpha / targets). Stage 1 of lightning_lora_sdxl is its first adversarial stage (s8_cond_lora).
@@ -196,7 +203,6 @@ def run_steps(name: str, cfg, steps: int, warmup: int = 0, flops: bool = True, p
         finally:
             tr.close()
             acc.free_memory()
-    del tr, data
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -24,7 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-
 from realsize import run_steps, stage_config
 from throughput import load_avg, machine, matmul_peak_flops
 
@@ -43,14 +42,14 @@ def markdown(result: dict) -> str:
     r, a, m = result["row"], result["arithmetic"], result["machine"]
     k = r.get("kohya", {})
     steps = ", ".join(f"{t:.1f}" for t in r["step_s_all"])
-    lines = [f"{m['device']}, {m['cpu_count']} CPU(s), torch {m['torch']}, {m['torch_threads']} thread(s), load "
-             f"average {m['load_avg_1m']} -> {result['load_avg_1m_end']}.", "",
+    lines = [(f"{m['device']}, {m['cpu_count']} CPU(s), torch {m['torch']}, {m['torch_threads']} thread(s), load "
+             f"average {m['load_avg_1m']} -> {result['load_avg_1m_end']}."), "",
              "| quantity | value |", "|---|---:|",
              f"| UNet parameters (frozen, {r['frozen_dtype']}) | {r['unet_params']:,} |",
              f"| LoRA parameters (fp32, trained) | {r['trained_params']:,} |",
              f"| LoRA layers / PEFT name matches on the real UNet | {r['lora_layers']} / {r.get('lora_target_names')} |",
-             f"| kohya: modules / tensors / one-to-one | {k.get('kohya_modules')} / {k.get('kohya_tensors')} / "
-             f"{k.get('one_to_one')} |",
+             (f"| kohya: modules / tensors / one-to-one | {k.get('kohya_modules')} / {k.get('kohya_tensors')} / "
+              f"{k.get('one_to_one')} |"),
              f"| batch, resolution, latents | {r['batch']}, {r['resolution']} px, {r['latent']}x{r['latent']} |",
              f"| build (UNet + LoRA + optimizer) s | {r['build_s']:.1f} |",
              f"| step times s (first allocates Adam state) | {steps} |",
@@ -58,8 +57,8 @@ def markdown(result: dict) -> str:
              f"| peak RSS GiB (VmHWM; lifetime ru_maxrss) | {r['peak_mem_gib']:.2f}; {result['ru_maxrss_gib']:.2f} |",
              f"| RSS at start (interpreter, libraries) GiB | {r['mem_at_start_gib']:.2f} |",
              f"| arithmetic: UNet bf16 (2 B x params) GiB | {a['unet_bf16_gib']:.2f} |",
-             f"| arithmetic: LoRA fp32 + grads + 2 Adam moments (16 B x params) GiB | "
-             f"{a['lora_fp32_gib']:.2f} + {a['lora_grads_gib']:.2f} + {a['adam_moments_gib']:.2f} |",
+             (f"| arithmetic: LoRA fp32 + grads + 2 Adam moments (16 B x params) GiB | "
+              f"{a['lora_fp32_gib']:.2f} + {a['lora_grads_gib']:.2f} + {a['adam_moments_gib']:.2f} |"),
              f"| measured states (weights, grads, optimizer.state) GiB | {r['states_gib']:.2f} |",
              f"| peak - start - states (activations, workspace, allocator) GiB | {r['other_gib']:.2f} |"]
     if r.get("gflop_per_step"):
