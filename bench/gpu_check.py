@@ -44,8 +44,8 @@ from distill.models import load_components
 ORDER = ["lcd_lora", "pad_adversarial_lora", "lcd_full"]  # the heaviest last: a timeout costs the least
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """SIGTERM (from `timeout`): not an Exception, so no per-part `except Exception` swallows it."""
 
 
 def _on_term(signum, frame):  # `timeout` sends SIGTERM first: keep what was measured
@@ -176,8 +176,6 @@ def run(args) -> dict:
                 cfg = stage_config(name, args.batch, 64 if args.tiny else None, ov, tiny=args.tiny)
                 result["rows"].append(run_steps(name, cfg, args.steps, args.warmup, flops=True, peak_flops=peak,
                                                 tiny=args.tiny))
-            except Interrupted:
-                raise
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 result["rows"].append(dict(method=name, error=f"{type(e).__name__}: {e}"[:400]))
