@@ -134,7 +134,7 @@ def _fingerprint(params: dict[str, torch.Tensor]) -> dict[str, tuple[float, floa
 
 
 # -- one experiment, stepped ------------------------------------------------------------------------------------
-def build(name: str, cfg, tmp: str, tiny: bool = False):
+def build(cfg, tmp: str, tiny: bool = False):
     """(accelerator, BenchTrainer, batch) for the stage config `cfg`."""
     acc = make_accelerator(cfg)
     device, dtype = acc.device, frozen_dtype(cfg, acc.device)
@@ -150,12 +150,13 @@ def run_steps(name: str, cfg, steps: int, warmup: int = 0, flops: bool = True, p
               tiny: bool = False, checks: bool = False) -> dict:
     """Build `name`'s stage, run one first step (it allocates the optimizer state, so the peak covers a whole
     step), `warmup` more, then `steps` timed ones; one row. `checks`: also the LoRA target count and the kohya key
-    set on the trained model (after the peak is read: the export copies the LoRA)."""
+    set on the trained model (after the peak is read: the export copies the LoRA). `trainable_tensors[_changed]`
+    and `lora_b[_changed]` are the student's (PAD's discriminator is not fingerprinted)."""
     t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mem0 = reset_peak_memory(device)
     with tempfile.TemporaryDirectory() as tmp:
-        acc, tr, data = build(name, cfg, tmp, tiny)
+        acc, tr, data = build(cfg, tmp, tiny)
         try:
             build_s = time.perf_counter() - t_start
             named = {n: p for n, p in tr.method.student.named_parameters() if p.requires_grad}
