@@ -19,7 +19,8 @@ if [ ! -x "$PY" ]; then
   PY=.venv/bin/python
 fi
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "bench/gpu.sh: no CUDA device visible to torch ($("$PY" -c 'import torch; print(torch.__version__)')): nothing to measure, exiting 0"
+  version=$("$PY" -c 'import torch; print(torch.__version__)')
+  echo "bench/gpu.sh: no CUDA device visible to torch ($version): nothing to measure, exiting 0"
   exit 0
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
