@@ -93,7 +93,7 @@ def test_gpu_sh_exits_0_without_cuda():
 def test_lcd_lora_steps_on_the_real_sdxl_unet_on_cpu(tmp_path):
     """Two LCD-LoRA steps on the real SDXL UNet (2.6B parameters, bf16 frozen weights, gradient checkpointing) at
     256 px, batch 1: the step runs, its losses are finite, every LoRA B matrix moved, and the trained model's LoRA
-    and kohya export are the real ones (about 10 GB of memory; minutes on 2 CPU cores)."""
+    and kohya export are the real ones (9 GB of memory; about 5 minutes on one CPU thread)."""
     out = tmp_path / "sdxl_cpu.json"
     run_cli([sys.executable, str(ROOT / "bench" / "sdxl_cpu.py"), "--out", str(out), "--steps", "2"], timeout=3000)
     r = json.loads(out.read_text())["row"]
