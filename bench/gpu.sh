@@ -18,8 +18,8 @@ if [ ! -x "$PY" ]; then
   make install
   PY=.venv/bin/python
 fi
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  version=$("$PY" -c 'import torch; print(torch.__version__)')
+if ! version=$("$PY" -c 'import sys, torch; print(torch.__version__); sys.exit(0 if torch.cuda.is_available() else 1)')
+then
   echo "bench/gpu.sh: no CUDA device visible to torch ($version): nothing to measure, exiting 0"
   exit 0
 fi
