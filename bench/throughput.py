@@ -152,20 +152,26 @@ def count_flops(fn: Fn) -> int:
 def method_config(name: str, size: str, batch: int, overrides: list[str]):
     """The method's experiment config as the runner resolves it for one stage (the stage's start and teacher
     paths cleared: every model is the base model here)."""
+    tiny = ["model.pretrained=distill:random-world", "data.resolution=32"] if size == "tiny" else []
+    return experiment_config(METHODS[name][0 if size == "tiny" else 1], METHODS[name][2], batch,
+                             tiny + list(overrides))
+
+
+def experiment_config(experiment: str, stage: int, batch: int | None, overrides: list[str]):
+    """Stage `stage` of `+experiment=NAME` as the runner resolves it, for a bench: no logger, no validation, no
+    accumulation, every model the base model. `batch` None keeps the experiment's own data.batch_size."""
     register_configs()
-    ov = [f"+experiment={METHODS[name][0 if size == 'tiny' else 1]}", f"data.batch_size={batch}",
-          "logger=none", "trainer.validation_prompts=[]", "trainer.max_nonfinite_steps=1000000",
-          "trainer.progress_bar=false", "trainer.gradient_accumulation_steps=1"]
-    ov += ["model.pretrained=distill:random-world", "data.resolution=32"] if size == "tiny" else []
+    ov = [f"+experiment={experiment}", "logger=none", "trainer.validation_prompts=[]",
+          "trainer.max_nonfinite_steps=1000000", "trainer.progress_bar=false",
+          "trainer.gradient_accumulation_steps=1"]
+    ov += [f"data.batch_size={batch}"] if batch is not None else []
     ov += overrides  # last: the caller's overrides win
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = validate(compose(config_name="train", overrides=ov))
-    stages = METHOD_CLASSES[cfg.method.name].plan(cfg, Path(tempfile.gettempdir()) / "throughput")
-    index = METHODS[name][2]
-    stage = stages[index]
-    cfg = stage_config(cfg, stage, staged=False, last=True)
+    plan = METHOD_CLASSES[cfg.method.name].plan(cfg, Path(tempfile.gettempdir()) / "throughput")
+    cfg = stage_config(cfg, plan[stage], staged=False, last=True)
     if cfg.method.name == "pad":  # the chosen stage alone: built without a Stage, it starts from the base model
-        cfg.method.stages = [cfg.method.stages[index]]
+        cfg.method.stages = [cfg.method.stages[stage]]
     return cfg
 
 
@@ -175,8 +181,13 @@ def sdxl_components(device: torch.device, dtype: torch.dtype, path: str) -> Comp
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**SDXL_UNET)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype`: no transient fp32 copy (10 GB at this size)
+    try:
+        with torch.device(device):
+            unet = UNet2DConditionModel(**SDXL_UNET)
+    finally:
+        torch.set_default_dtype(previous)
     unet.to(dtype=dtype).requires_grad_(False).eval()
     return Components(path=path, arch="sdxl", scheduler_config=dict(SDXL_SCHEDULER), unet=unet,
                       extra={"vae_scaling_factor": 0.13025})

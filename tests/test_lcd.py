@@ -135,3 +135,54 @@ def test_one_step_costs_one_teacher_one_target_one_student(tiny_data):
     out = method.losses(batch, "g", 0)
     out["loss"].backward()
     assert sorted(calls) == sorted([2 * b, b, b]), calls
+
+
+def test_losses_equal_an_independent_hand_written_lcm_step():
+    """LCD.losses against LCM Algorithm 1 written out by hand from the scheduler's alphas, as diffusers' script
+    computes it: teacher at t with LCM-form CFG (cond + w (cond - uncond), all-zero uncond), DDIM to s = t - k, the
+    EMA target at s with the student's w-embedding, boundary scalings c_skip / c_out at t and s, pseudo-Huber.
+    The EMA is moved away from the student first, so a target taken from the online student would fail; so would a
+    target at t, the teacher's cond for the target, or a flipped w."""
+    from distill.models.adapters import guidance_embedding
+
+    cfg, comps, method, batch = _method_and_batch("lcm_tiny", b=3)
+    with torch.no_grad():
+        for p in method.ema.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    loss = method.losses(batch, "g", 0)["loss"]
+
+    m, abar = cfg.method, torch.as_tensor(method.schedule.alphas_cumprod, dtype=torch.float64)
+    k = 1000 // m.num_ddim_timesteps
+    i = batch.randint("index", 0, m.num_ddim_timesteps, torch.device("cpu"))
+    t = (i + 1) * k - 1
+    s = (t - k).clamp(min=0)
+    eps = batch.randn("eps", (4, 16, 16), torch.device("cpu"))
+    w = m.w_min + (m.w_max - m.w_min) * batch.rand("w", torch.device("cpu"))
+    col = lambda v: v.double().view(-1, 1, 1, 1)
+    a_t, a_s = col(abar[t]), col(abar[s])
+    x0 = batch.latents.double()
+    x_t = (a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps.double()).float()
+    c = batch.cond
+    kw = lambda cc, emb=None: {"encoder_hidden_states": cc.encoder_hidden_states, "timestep_cond": emb,
+                              "added_cond_kwargs": {"text_embeds": cc.text_embeds, "time_ids": cc.time_ids}}
+    zero = type(c)(torch.zeros_like(c.encoder_hidden_states), torch.zeros_like(c.text_embeds), c.time_ids)
+    with torch.no_grad():
+        e_c = method.teacher(x_t, t, **kw(c)).sample.double()
+        e_u = method.teacher(x_t, t, **kw(zero)).sample.double()
+        e = e_c + col(w) * (e_c - e_u)
+        x0_hat = (x_t.double() - (1 - a_t).sqrt() * e) / a_t.sqrt()
+        x_s = (a_s.sqrt() * x0_hat + (1 - a_s).sqrt() * e).float()
+        emb = guidance_embedding(w, m.w_embedding_dim)
+
+        def f(net, x, tt, a):
+            out = net(x, tt, **kw(c, emb)).sample.double()
+            x0p = (x.double() - (1 - a).sqrt() * out) / a.sqrt()
+            st = col(tt) * m.timestep_scaling
+            c_skip = m.sigma_data**2 / (st**2 + m.sigma_data**2)
+            c_out = st / (st**2 + m.sigma_data**2).sqrt()
+            return c_skip * x.double() + c_out * x0p
+
+        target = f(method.ema.model, x_s, s, a_s)
+    pred = f(method.student, x_t, t, a_t)
+    ref = (torch.sqrt((pred - target) ** 2 + m.huber_c**2) - m.huber_c).mean()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-4, atol=1e-6)
