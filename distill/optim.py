@@ -103,4 +103,8 @@ def schedule_state(schedule) -> dict:
 
 
 def load_schedule_state(schedule, state: dict) -> None:
+    """Continue a schedule from its saved step count. The base LRs stay this run's (a resume with a changed
+    `optim.lr` follows the new value from the next step on, as `config_changes` reports)."""
+    base = list(schedule.base_lrs)
     schedule.load_state_dict({**state, "lr_lambdas": [None] * len(schedule.lr_lambdas)})
+    schedule.base_lrs = base
