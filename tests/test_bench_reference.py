@@ -57,3 +57,16 @@ def test_step_time_excludes_start_up_and_warmup(ref):
     assert ref.step_seconds(stamps, steps=4, warmup=2) == pytest.approx(2.0)
     with pytest.raises(RuntimeError, match="missing step stamps"):
         ref.step_seconds({1: 0.0}, steps=4, warmup=2)
+
+
+def test_profile_step_labels_the_real_trainers_passes(tiny_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    shards = str(tiny_data / "tiny_world" / "train" / "{00000..00003}.tar")
+    result = ps.main(["--out", str(tmp_path / "p.json"), "--methods", "lcd_lora", "--batch", "2", "--resolution", "32",
+                      "--steps", "1", "--warmup", "1", "--alone", "0", "--shards", shards])
+    (row,) = result["rows"]
+    assert {"loader_next", "text_encode", "vae_encode", "teacher_fwd_2B", "target_fwd", "student_fwd",
+            "backward", "optimizer_step"} <= set(row["passes_ms"])
+    assert row["step_ms"] > 0 and "teacher_fwd_2B" in (tmp_path / "p.md").read_text()
