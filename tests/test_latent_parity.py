@@ -46,7 +46,7 @@ def test_latent_shards_give_the_same_loss_as_image_shards(tiny_data, tmp_path):
 
     comps = load_components(cfg_img.model.pretrained)
     method = build_method(cfg_img, comps, torch.device("cpu"))
-    fake = SimpleNamespace(device=torch.device("cpu"), cfg=cfg_img, step=7, comps=comps, method=method)
+    fake = SimpleNamespace(device=torch.device("cpu"), cfg=cfg_img, step=7, seed_step=0, comps=comps, method=method)
     b_img = Trainer.to_batch(fake, _collate(imgs, keys))
     b_lat = Trainer.to_batch(fake, _collate(lats, keys))
     assert b_img.seeds == b_lat.seeds
