@@ -29,7 +29,8 @@ def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
     frozen = cfg.trainer.mixed_precision if cfg.trainer.mixed_precision in ("bf16", "fp16") else "fp32"
     return [f"+experiment={name}", "+debug=fast", f"model.pretrained={MODELS[cfg.model.pretrained]}", "model.vae=null",
             f"model.frozen_dtype={frozen}", "data.kind=images", "data.resolution=64",
-            f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'", f"output_dir={out}"]
+            f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'", f"output_dir={out}",
+            "trainer.checkpoint_every_steps=2"]  # one checkpoint per stage (its end), not one per step
 
 
 def _select(cfg, key: str):
@@ -42,8 +43,21 @@ def test_the_matrix_holds_every_real_size_experiment():
     assert {"lcm_sdxl", "lcm_lora_sdxl", "lcm_sd15", "lcm_lora_sd15", "lightning_sdxl", "lightning_lora_sdxl"} <= set(names)
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """These runs use bf16 in-process; Accelerate's state is a process singleton, so later tests in this worker
+    must not inherit it (they would fail to start, or silently train in bf16)."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.timeout(3600)  # the Lightning chains are 7 and 13 stages: minutes each on an idle 2-core machine
 @pytest.mark.parametrize("name", _real_size_experiments())
-def test_experiment_trains_validates_and_exports_with_its_own_settings(tiny_data, tmp_path, name):
+def test_experiment_trains_validates_and_exports_with_its_own_settings(tiny_data, tmp_path, name,
+                                                                        fresh_accelerate_state):
     own = compose_cfg([f"+experiment={name}"])
     overrides = _overrides(name, tmp_path / "run", tiny_data)
     smoke = compose_cfg(overrides)

@@ -1,0 +1,183 @@
+"""Where a real training step's time goes: torch.profiler over the actual Trainer (real loader, encoders, step).
+
+    python bench/profile_step.py --out FILE.json [--methods lcd_lora,lcd_full,pad_adversarial] [--model PATH]
+                                 [--steps N] [--warmup N] [--batch B] [--resolution R] [--set key=value ...]
+
+Each method is built as `bench/throughput.py` builds it (the experiment's config for one stage, every model the
+base model) but as a full `Trainer`, data loader included, on image shards (`--shards`; default the tiny world's)
+or latent shards (`--set data=wds_latents --shards ...`). After `--warmup` uncounted steps, `--steps` iterations of
+the trainer's own loop body (`to_batch(next(loader))`, `train_step`) run under torch.profiler (CPU). The passes are
+labelled with record_function by wrapping the objects the trainer calls (no source is edited): loader wait, VAE
+encode, text encode, the teacher's guided DDIM step with adapters disabled (LCD), the target and student
+consistency passes (told apart by grad mode), backward, clipping, optimizer step, EMA / after_step; for PAD the
+teacher path, the student's moves and the discriminator. Host syncs (`aten::item` / `_local_scalar_dense`) and
+casts (`aten::to` / `_to_copy`) are counted over the whole step. The same method's passes timed alone
+(bench/throughput.py, synthetic batch, no loader) are put beside the profile. Writes FILE.json and FILE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+BENCH = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("throughput", BENCH / "throughput.py")
+tp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tp)
+
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense")
+CAST_OPS = ("aten::to", "aten::_to_copy")
+
+
+def _wrap(label: str | Callable, fn):
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        name = label() if callable(label) else label
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return inner
+
+
+
+def label_passes(tr) -> list[str]:
+    """Wrap what the trainer calls in record_function; returns the labels used."""
+    import distill.trainer as trainer_mod
+    from distill.methods import lcd
+
+    m, acc = tr.method, tr.acc
+    labels = ["loader_next", "to_batch", "vae_encode", "text_encode", "backward", "clip_grad_norm",
+              "optimizer_step", "after_step(ema)"]
+    trainer_mod.encode_images = _wrap("vae_encode", trainer_mod.encode_images)
+    trainer_mod.encode_prompts = _wrap("text_encode", trainer_mod.encode_prompts)
+    acc.backward = _wrap("backward", acc.backward)
+    acc.clip_grad_norm_ = _wrap("clip_grad_norm", acc.clip_grad_norm_)
+    for opt in tr.optimizers:
+        opt.step = _wrap("optimizer_step", opt.step)
+    m.after_step = _wrap("after_step(ema)", m.after_step)
+    if tr.cfg.method.name == "lcd":
+        lcd.guided_ddim_step = _wrap("teacher_fwd_2B", lcd.guided_ddim_step)
+        m._consistency = _wrap(lambda: "student_fwd" if torch.is_grad_enabled() else "target_fwd", m._consistency)
+        labels += ["teacher_fwd_2B", "target_fwd", "student_fwd"]
+    else:
+        m.teacher_path = _wrap("teacher_path", m.teacher_path)
+        m._student_move = _wrap(lambda: "student_move_grad" if torch.is_grad_enabled() else "student_move_nograd",
+                                m._student_move)
+        for d in {id(x): x for x in (m.modules["discriminator"], m.d_raw)}.values():
+            d.forward = _wrap("discriminator_fwd", d.forward)
+        labels += ["teacher_path", "student_move_nograd", "student_move_grad", "discriminator_fwd"]
+    return labels
+
+
+def build_trainer(name: str, batch: int, overrides: list[str], run_dir: Path):
+    from distill.trainer import Trainer
+
+    cfg = tp.method_config(name, "tiny", batch, overrides)
+    cfg.trainer.export_at_end = False
+    acc = tp.make_accelerator(cfg)
+    return Trainer(cfg, acc, run_dir)
+
+
+def profile_method(name: str, a) -> dict:
+    ov = [f"model.pretrained={a.model}", f"data.resolution={a.resolution}", f"data.shards='{a.shards}'", *a.set]
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = build_trainer(name, a.batch, ov, Path(tmp) / "run")
+        try:
+            labels = label_passes(tr)
+            it = iter(tr.loader)
+
+            def step():
+                with record_function("loader_next"):
+                    raw = next(it)
+                with record_function("to_batch"):
+                    b = tr.to_batch(raw)
+                tr.train_step([b])
+                tr.step += 1
+
+            for _ in range(a.warmup):
+                step()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                t0 = time.perf_counter()
+                for _ in range(a.steps):
+                    step()
+                wall = (time.perf_counter() - t0) / a.steps
+            ev = {e.key: e for e in prof.key_averages()}
+            per = lambda k: ev[k].cpu_time_total / 1e3 / a.steps if k in ev else 0.0
+            passes = {k: per(k) for k in labels if k in ev}
+            row = dict(method=name, batch=a.batch, resolution=a.resolution, data_kind=tr.cfg.data.kind,
+                       torch_threads=torch.get_num_threads(), step_ms=1e3 * wall, samples_per_s=a.batch / wall,
+                       passes_ms=passes,
+                       host_syncs_per_step=sum(ev[k].count for k in SYNC_OPS[:1] if k in ev) / a.steps,
+                       host_sync_ms=sum(per(k) for k in SYNC_OPS[:1]),
+                       casts_per_step=sum(ev[k].count for k in CAST_OPS[:1] if k in ev) / a.steps,
+                       cast_ms=per(CAST_OPS[0]),
+                       top_ops=[dict(op=e.key, self_ms=e.self_cpu_time_total / 1e3 / a.steps, calls=e.count / a.steps)
+                                for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]])
+        finally:
+            tr.close()
+    if a.alone:
+        alone = tp.bench_method(name, "tiny", a.batch, a.alone, 1, ov)
+        row.update(alone_step_ms=alone["step_ms"], alone_parts_ms=alone["parts_ms"],
+                   alone_sum_parts_ms=alone["sum_parts_ms"])
+    return row
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Profile of the real Trainer step ({result['date']}, load average {result['load_start']} -> "
+             f"{result['load_end']}): {result['steps']} profiled steps after {result['warmup']}; the profiler's "
+             "own overhead is in the step.", ""]
+    for r in result["rows"]:
+        lines += [f"### {r['method']} (batch {r['batch']}, {r['resolution']} px, {r['data_kind']}, "
+                  f"{r['torch_threads']} threads): step {r['step_ms']:.0f} ms, {r['samples_per_s']:.2f} samples/s",
+                  "", "| pass (inclusive) | ms / step | share |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v:.1f} | {100 * v / r['step_ms']:.1f}% |" for k, v in r["passes_ms"].items()]
+        lines += [f"| host syncs (aten::item, {r['host_syncs_per_step']:.0f} per step) | {r['host_sync_ms']:.1f} | "
+                  f"{100 * r['host_sync_ms'] / r['step_ms']:.1f}% |",
+                  f"| casts (aten::to, {r['casts_per_step']:.0f} per step) | {r['cast_ms']:.1f} | "
+                  f"{100 * r['cast_ms'] / r['step_ms']:.1f}% |", ""]
+        if "alone_parts_ms" in r:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in r["alone_parts_ms"].items())
+            lines += [f"Timed alone (bench/throughput.py, synthetic batch, no loader/encoders): step "
+                      f"{r['alone_step_ms']:.0f} ms, sum of parts {r['alone_sum_parts_ms']:.0f} ms ({parts}).", ""]
+        lines += ["Top ops by self time (ms / step): " + ", ".join(
+            f"{o['op']} {o['self_ms']:.1f}" for o in r["top_ops"][:8]), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--methods", default="lcd_lora,lcd_full,pad_adversarial")
+    p.add_argument("--model", default="distill:random-sdxl")
+    p.add_argument("--shards", default=str(BENCH.parent / "data" / "tiny_world" / "train" / "{00000..00003}.tar"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--alone", type=int, default=5, help="rounds of throughput.py's passes timed alone (0: skip)")
+    p.add_argument("--set", action="append", default=[], help="a config override (repeatable)")
+    a = p.parse_args(argv)
+    load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_start": load(), "steps": a.steps, "warmup": a.warmup,
+              "rows": [profile_method(n, a) for n in a.methods.split(",") if n]}
+    result["load_end"] = load()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2))
+    a.out.with_suffix(".md").write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

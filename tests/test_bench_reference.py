@@ -1,0 +1,72 @@
+"""bench/reference.py's distill half runs end to end on a tiny shard copy (2 steps). Not a timed test: nothing here
+compares a time against a threshold; the reference half needs the diffusers example script and is not run."""
+
+import importlib.util
+import json
+import tarfile
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def ref():
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "bench" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shard_copy_carries_the_metadata_the_script_filters_on(ref, tiny_data, tmp_path):
+    src = sorted((tiny_data / "tiny_world" / "train").glob("*.tar"))[:1]
+    (out,) = ref.neutral_shards(src, tmp_path / "shards", max_samples=3)
+    with tarfile.open(out) as tar:
+        names = tar.getnames()
+        metas = [json.loads(tar.extractfile(n).read()) for n in names if n.endswith(".json")]
+    assert len({n.split(".")[0] for n in names}) == 3 and len(metas) == 3
+    for meta in metas:  # the script keeps width, height >= 700 and pwatermark <= 0.5; distill reads original_*
+        assert meta["width"] >= 700 and meta["height"] >= 700 and meta["pwatermark"] <= 0.5
+        assert meta["original_width"] == meta["width"] and "caption" in meta
+
+
+def test_the_distill_half_runs_and_is_timed_from_its_step_stamps(ref, tiny_data, tmp_path):
+    out = tmp_path / "ref.json"
+    result = ref.main(["--out", str(out), "--variants", "distill_readme", "--rounds", "1", "--steps", "2",
+                       "--warmup", "1", "--batch", "2", "--source", str(tiny_data / "tiny_world" / "train"),
+                       "--source-shards", "2", "--shard-samples", "8", "--work", str(tmp_path / "work"),
+                       "--model", "distill:random-sdxl"])
+    (row,) = result["rows"]
+    assert row["variant"] == "distill_readme" and row["median_samples_per_s"] > 0
+    assert row["torch_threads"] >= 1  # parsed from the trainer's "torch threads per process" line
+    assert result["runs"][0]["load_before"] and "distill_readme" in out.with_suffix(".md").read_text()
+
+
+def test_the_bench_model_has_the_widths_the_script_hard_codes(ref):
+    """The script's unconditional branch is torch.zeros(B, 77, 2048) and zeros(B, 1280)."""
+    from distill.models import tiny
+
+    tiny.PRESETS.setdefault("bench_reference", ref.BENCH_PRESET)
+    unet = tiny.build_unet("sdxl", "bench_reference")
+    p = ref.BENCH_PRESET
+    assert unet.config.cross_attention_dim == 2048 and p["text_hidden_2"] == 1280
+    assert tuple(unet.config.block_out_channels) == (32, 64) and len(p["vae_channels"]) == 2
+
+
+def test_step_time_excludes_start_up_and_warmup(ref):
+    stamps = {1: 10.0, 2: 11.0, 3: 13.0, 4: 15.0}
+    assert ref.step_seconds(stamps, steps=4, warmup=2) == pytest.approx(2.0)
+    with pytest.raises(RuntimeError, match="missing step stamps"):
+        ref.step_seconds({1: 0.0}, steps=4, warmup=2)
+
+
+def test_profile_step_labels_the_real_trainers_passes(tiny_data, tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
+    ps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ps)
+    shards = str(tiny_data / "tiny_world" / "train" / "{00000..00003}.tar")
+    result = ps.main(["--out", str(tmp_path / "p.json"), "--methods", "lcd_lora", "--batch", "2", "--resolution", "32",
+                      "--steps", "1", "--warmup", "1", "--alone", "0", "--shards", shards])
+    (row,) = result["rows"]
+    assert {"loader_next", "text_encode", "vae_encode", "teacher_fwd_2B", "target_fwd", "student_fwd",
+            "backward", "optimizer_step"} <= set(row["passes_ms"])
+    assert row["step_ms"] > 0 and "teacher_fwd_2B" in (tmp_path / "p.md").read_text()
