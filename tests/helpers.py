@@ -12,6 +12,16 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 register_configs()
 
 
+def load_bench(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, CONFIGS.parent / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)

@@ -1,20 +1,16 @@
 """bench/reference.py's distill half runs end to end on a tiny shard copy (2 steps). Not a timed test: nothing here
 compares a time against a threshold; the reference half needs the diffusers example script and is not run."""
 
-import importlib.util
 import json
 import tarfile
 
 import pytest
-from conftest import ROOT
+from helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def ref():
-    spec = importlib.util.spec_from_file_location("reference", ROOT / "bench" / "reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("reference")
 
 
 def test_shard_copy_carries_the_metadata_the_script_filters_on(ref, tiny_data, tmp_path):
@@ -60,9 +56,7 @@ def test_step_time_excludes_start_up_and_warmup(ref):
 
 
 def test_profile_step_labels_the_real_trainers_passes(tiny_data, tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "bench" / "profile_step.py")
-    ps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ps)
+    ps = load_bench("profile_step")
     shards = str(tiny_data / "tiny_world" / "train" / "{00000..00003}.tar")
     result = ps.main(["--out", str(tmp_path / "p.json"), "--methods", "lcd_lora", "--batch", "2", "--resolution", "32",
                       "--steps", "1", "--warmup", "1", "--alone", "0", "--shards", shards])

@@ -28,6 +28,14 @@ from distill.models.tiny import build_pipeline
 TOL = 1e-4
 
 
+SDXL_UNET = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+             "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True}  # the real SDXL base UNet
+
+
 # -- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -156,12 +164,7 @@ def test_original_layout_of_full_size_unets(arch):
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    sdxl = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
-            "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-            "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-            "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True}
+    sdxl = SDXL_UNET
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(sdxl if arch == "sdxl" else {"cross_attention_dim": 768})
     sd, config = unet.state_dict(), dict(unet.config)

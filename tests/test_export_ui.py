@@ -22,12 +22,7 @@ from distill.config import LoraConfig
 from distill.export import export_student
 from distill.models.adapters import add_lora
 
-SDXL = {"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
-        "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "cross_attention_dim": 2048, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-        "projection_class_embeddings_input_dim": 2816, "use_linear_projection": True}
+SDXL = test_export.SDXL_UNET
 SD15 = {"cross_attention_dim": 768}  # diffusers' defaults are SD 1.5's UNet
 # the export tests' module fixtures (tiny SDXL and SD 1.5 teachers, a LoRA student exported with alpha 8, rank 4)
 one_thread, xl_base, sd15_base, lora_export = (test_export.one_thread, test_export.xl_base, test_export.sd15_base,

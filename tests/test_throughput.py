@@ -1,21 +1,17 @@
 """bench/throughput.py's machinery on a tiny model. A smoke test of the benchmark, not a timed test: nothing
 here compares a time against a threshold."""
 
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("throughput")
 
 
 TINY = ["--steps", "1", "--warmup", "0", "--batch", "2", "--set", "model.pretrained=distill:random-sdxl"]
