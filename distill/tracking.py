@@ -4,7 +4,6 @@ images to every tracker, and secrets kept out of everything written."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path

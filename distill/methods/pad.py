@@ -45,13 +45,13 @@ from distill.diffusion import (
     guided_prediction,
     inference_timesteps,
     move,
-    sample_lightning,
     to_x0_eps,
     weight_dtype,
 )
 from distill.config import ConfigError, LoraConfig
 from distill.methods.base import Batch, Method
 from distill.optim import OptimizerSpec
+from distill.sampler import SamplerSpec
 from distill.stages import Stage, stage_folder
 from distill.methods.discriminator import Discriminator
 from distill.methods.gan import d_loss, frozen, g_loss
@@ -361,13 +361,18 @@ class PAD(Method):
         return out
 
     # -- sampling, export ----------------------------------------------------------------------------------
+    def sampler(self) -> SamplerSpec:
+        """Euler on trailing timesteps at the stage's step count, no CFG at inference (paper Table 1); an x0
+        student (the 1-step stage) predicts `sample`."""
+        return SamplerSpec("euler", (self.stage.student_steps,), 1.0, prediction_type=self.student_pred)
+
     @torch.no_grad()
     def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
         unet = self.student_raw
         was_training = unet.training
         unet.eval()
         try:  # the Euler state in fp32 around the student's weight dtype
-            return sample_lightning(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, self.student_pred)
+            return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
         finally:
             unet.train(was_training)
 
@@ -375,13 +380,9 @@ class PAD(Method):
         from distill.export import export_student
 
         st, own = self.stage, self.info
-        sample = self.student_pred == "sample"
         info = {"method": "pad" + ("-lora" if st.lora else ""), "teacher": self.cfg.model.pretrained,
                 "stage": st.name, "stage_teacher": own["teacher"] or self.cfg.model.pretrained,
-                "lora_base": own["student_init"] or self.cfg.model.pretrained,
-                "scheduler": "EulerDiscreteScheduler-trailing" + ("-sample" if sample else ""),
-                "steps": [st.student_steps], "guidance_scale": 1.0,  # no CFG at inference (paper Table 1)
-                "arch": self.comps.arch, "prediction_type": self.student_pred}
+                "lora_base": own["student_init"] or self.cfg.model.pretrained, "arch": self.comps.arch}
         lora_base = stored_fp32_state(self.student_raw, self.comps, own["student_init"]) if st.lora else None
         export_student(self.student_raw, Path(out_dir), lora=st.lora, dtype=dtype, info=info,
-                       base_path=self.comps.path, lora_base=lora_base)
+                       sampler=self.sampler(), base_path=self.comps.path, lora_base=lora_base)
