@@ -19,6 +19,7 @@ from torch import Tensor
 from distill.callbacks import EMAUpdate
 from distill.config import ConfigError, LoraConfig
 from distill.optim import OptimizerSpec
+from distill.profiling import span
 from distill.sampler import SamplerSpec
 
 from distill.diffusion import Denoiser, Fp32Io, NoiseSchedule, UNetCond, add_noise, lcm_skip_grid
@@ -148,14 +149,16 @@ class LCD(Method):
             # Teacher: one DDIM step on LCM-form guidance, cond + uncond (all-zero text) in ONE 2B forward; only
             # the UNet's inputs in its dtype: the DDIM step and w stay fp32 (a bf16 x_s moves about one ulp at
             # t = 999, and the huber c is 1e-3)
-            x_s = self.teacher_denoiser().guided_jump(x_t, t, s, cond, cond.zeros_like(), w)
-            x_s = x_s.float()
-            if self.lora:
-                target = self._consistency(self.student, x_s, s, student_cond)
-            else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
-                with self.autocast():
-                    target = self._consistency(self.ema.model, x_s, s, student_cond)
-        pred = self._consistency(self.modules["student"], x_t, t, student_cond)
+            with span("teacher"):
+                x_s = self.teacher_denoiser().guided_jump(x_t, t, s, cond, cond.zeros_like(), w).float()
+            with span("target"):
+                if self.lora:
+                    target = self._consistency(self.student, x_s, s, student_cond)
+                else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
+                    with self.autocast():
+                        target = self._consistency(self.ema.model, x_s, s, student_cond)
+        with span("student"):
+            pred = self._consistency(self.modules["student"], x_t, t, student_cond)
         if m.loss == "huber":
             loss = pseudo_huber(pred.float(), target.float(), m.huber_c)
         else:

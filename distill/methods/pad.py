@@ -51,6 +51,7 @@ from distill.diffusion import (
 from distill.config import ConfigError, LoraConfig
 from distill.methods.base import Batch, Method
 from distill.optim import OptimizerSpec
+from distill.profiling import span
 from distill.sampler import SamplerSpec
 from distill.stages import Stage, stage_folder
 from distill.methods.discriminator import Discriminator
@@ -261,6 +262,10 @@ class PAD(Method):
     @torch.no_grad()
     def teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
         """n teacher moves from grid index j (per sample); a sample that reaches the clean end stops there."""
+        with span("teacher"):
+            return self._teacher_path(x_t, j, cond)
+
+    def _teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
         last = len(self.grid) - 1
         x = x_t
         for k in range(self.n):
@@ -275,8 +280,9 @@ class PAD(Method):
         return x
 
     def _student_move(self, unet: nn.Module, x_t: Tensor, t: Tensor, t_next: Tensor, cond: UNetCond) -> Tensor:
-        out = call_unet(unet, x_t, t, cond)
-        return move(x_t, out, t, t_next, self.schedule, self.student_pred)
+        with span("student"):
+            out = call_unet(unet, x_t, t, cond)
+            return move(x_t, out, t, t_next, self.schedule, self.student_pred)
 
     def _draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(x_t, t, t_next, j): start index on the teacher grid, the student's target point n moves on."""
@@ -307,9 +313,10 @@ class PAD(Method):
             fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
             return {"loss": F.mse_loss(fake, real)}
         if self.stage.objective == "x0":
-            with torch.no_grad():
+            with torch.no_grad(), span("teacher"):
                 target, _ = to_x0_eps(self._teacher_output(x_t, t, cond), x_t, t, self.schedule, self.teacher_pred)
-            pred = call_unet(self.modules["student"], x_t, t, cond)
+            with span("student"):
+                pred = call_unet(self.modules["student"], x_t, t, cond)
             return {"loss": F.mse_loss(pred, target)}
         cond_d = (x_t, t) if self.stage.discriminator == "conditional" else (None, None)
         if phase == "d":
@@ -317,12 +324,14 @@ class PAD(Method):
                 real = self.teacher_path(x_t, j, cond)
                 fake = self._student_move(self.student_raw, x_t, t, t_next, cond)
             (real, fake), s = self._for_d(batch, [real, fake], t_next)
-            logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
+            with span("d"):
+                logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
             l_real, l_fake = logits.chunk(2)
             return {"loss": d_loss(l_real, l_fake), "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
         fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
         (fake,), s = self._for_d(batch, [fake], t_next)
-        l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
+        with span("d"):
+            l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
         return {"loss": g_loss(l_fake)}
 
     def phase_scope(self, phase: str):
