@@ -54,19 +54,22 @@ def _wrap(label: str | Callable, fn):
 
 def label_passes(tr) -> list[str]:
     """Wrap what the trainer calls in record_function; returns the labels used."""
-    import distill.trainer as trainer_mod
+    import distill.models as models_mod  # distill.batch.to_batch calls the encoders through it
+    from distill.callbacks import EMAUpdate
     from distill.methods import lcd
 
     m, acc = tr.method, tr.acc
     labels = ["loader_next", "to_batch", "vae_encode", "text_encode", "backward", "clip_grad_norm",
               "optimizer_step", "after_step(ema)"]
-    trainer_mod.encode_images = _wrap("vae_encode", trainer_mod.encode_images)
-    trainer_mod.encode_prompts = _wrap("text_encode", trainer_mod.encode_prompts)
+    models_mod.encode_images = _wrap("vae_encode", models_mod.encode_images)
+    models_mod.encode_prompts = _wrap("text_encode", models_mod.encode_prompts)
     acc.backward = _wrap("backward", acc.backward)
     acc.clip_grad_norm_ = _wrap("clip_grad_norm", acc.clip_grad_norm_)
     for opt in tr.optimizers:
         opt.step = _wrap("optimizer_step", opt.step)
-    m.after_step = _wrap("after_step(ema)", m.after_step)
+    for cb in tr.callbacks:  # the EMA is a callback of the loop now
+        if isinstance(cb, EMAUpdate):
+            cb.on_train_step_end = _wrap("after_step(ema)", cb.on_train_step_end)
     if tr.cfg.method.name == "lcd":
         lcd.guided_ddim_step = _wrap("teacher_fwd_2B", lcd.guided_ddim_step)
         m._consistency = _wrap(lambda: "student_fwd" if torch.is_grad_enabled() else "target_fwd", m._consistency)

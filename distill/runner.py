@@ -94,58 +94,13 @@ def run(cfg: DictConfig) -> Path:
     check_run_dir(run_dir)
     if cfg.logger.name != "none":
         acc.project_configuration.logging_dir = str(run_dir / "logs")
-    from accelerate.utils import set_seed
+    from distill.stages import run_stages
 
-    from distill.methods import METHOD_CLASSES
-    from distill.trainer import Trainer
-
-    stages = METHOD_CLASSES[cfg.method.name].stages(cfg, run_dir)
-    carry = None
     try:
-        for i, stage_cfg in enumerate(stages):
-            # A staged method (PAD) runs one Trainer per stage, each in its own folder with its own checkpoints
-            # and export; a finished stage (its export exists) is skipped on resume.
-            stage_dir = run_dir if len(stages) == 1 else run_dir / "stages" / f"{i:02d}_{stage_cfg.method.stage_name}"
-            if len(stages) > 1 and (stage_dir / "export" / "export.json").exists() and cfg.resume:
-                carry = _read_carry(stage_dir)
-                continue
-            if len(stages) > 1 and not cfg.resume and (stage_dir / "export").exists():
-                raise RuntimeError(f"{stage_dir} already has an export; use resume=latest or a new output_dir")
-            set_seed(cfg.trainer.seed + i, device_specific=False)
-            trainer = Trainer(stage_cfg, acc, stage_dir, carry=carry)
-            try:
-                trainer.fit()
-                carry = trainer.carry()
-                if len(stages) > 1 and acc.is_main_process:  # stage-derived state lives in the stage folder
-                    (stage_dir / CARRY).write_text(json.dumps(carry))
-                acc.wait_for_everyone()
-            finally:
-                trainer.close()
-            acc.free_memory()  # forget this stage's prepared modules/optimizers before the next stage
-        if len(stages) > 1 and acc.is_main_process:
-            _link_final_export(run_dir, stage_dir)
+        run_stages(cfg, acc, run_dir)  # one stage for most methods; a progressive method plans several
     finally:
         acc.end_training()
     return run_dir
-
-
-CARRY = "carry.json"  # a finished stage's data position and seed sequence, read by the next stage
-
-
-def _read_carry(stage_dir: Path) -> dict | None:
-    """What a finished stage handed on (None for a stage finished before stages carried their data position)."""
-    path = stage_dir / CARRY
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _link_final_export(run_dir: Path, last_stage_dir: Path) -> None:
-    """The run's export/ is the last stage's (copied, so it survives moving the run folder)."""
-    import shutil
-
-    dst = run_dir / "export"
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(last_stage_dir / "export", dst)
 
 
 def run_and_score(cfg: DictConfig) -> float:

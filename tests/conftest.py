@@ -57,3 +57,14 @@ def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout:
 
 
 PY = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts with no Accelerate state: in-process runs with different mixed precision (the experiment
+    matrix's bf16, a plain fp32 run) otherwise meet a singleton that refuses to change, or silently keep bf16."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

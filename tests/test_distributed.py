@@ -290,6 +290,11 @@ def _probe(argv: list[str]) -> None:
         return original(self, raw)
 
     Trainer.to_batch = recording
+    if os.environ.get("DISTILL_FAULT_NAN_LOSS"):  # read by this test double, not by production code
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from helpers import install_nan_fault
+
+        install_nan_fault(os.environ["DISTILL_FAULT_NAN_LOSS"])
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=argv)

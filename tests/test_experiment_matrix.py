@@ -87,6 +87,6 @@ def test_experiment_trains_validates_and_exports_with_its_own_settings(tiny_data
             assert (d / "export" / "lora_kohya.safetensors").exists()
         if info.get("lora") and "stages" in own.method:  # the card names the model the LoRA is a delta over
             saved = OmegaConf.load(d / "config.yaml")
-            base = saved.method.student_init or saved.model.pretrained
+            base = json.loads((d / "stage.json").read_text())["info"]["student_init"] or saved.model.pretrained
             assert info["lora_base"] == base, d
             assert f"on `{base}`" in (d / "export" / "README.md").read_text(), d

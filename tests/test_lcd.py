@@ -40,7 +40,7 @@ def test_loss_falls_on_a_fixed_batch(experiment):
     """The objective is trainable: on one fixed batch (same t, noise and w every step) the loss falls."""
     cfg, comps, method, batch = _method_and_batch(experiment)
     lr = 1e-3 if "lora" in experiment else 1e-4
-    opt = torch.optim.Adam([p for g in method.param_groups()[0] for p in g["params"]], lr=lr)
+    opt = torch.optim.Adam([p for g in method.optimizers()[0].groups() for p in g["params"]], lr=lr)
     losses = []
     for step in range(12):
         loss = method.losses(batch, "g", step)["loss"]

@@ -1,6 +1,7 @@
 """Progressive adversarial distillation (SDXL-Lightning) through the real loop on tiny SDXL-architecture models."""
 
 import json
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,12 @@ import torch
 from helpers import compose_cfg
 from safetensors.torch import load_file
 
-from distill.config import ConfigError, PADStage, validate
+from distill.config import ConfigError, validate
 from distill.diffusion import UNetCond
 from distill.methods.discriminator import Discriminator
-from distill.methods.pad import PAD
+from distill.methods.pad import PAD, PADStage
 from distill.runner import run as run_training
+from distill.stages import stage_config
 
 FAST = ["+experiment=lightning_tiny", "+debug=fast", "trainer.validation_prompts=[]", "data.batch_size=2"]
 TWO = [  # 4-step MSE from the base (8 steps), then a 2-step conditional LoRA stage taught by the 4-step student
@@ -108,9 +110,10 @@ def test_head_group_norm_never_normalises_too_few_values():
 # -- stage resolution and validation -------------------------------------------------------------------------
 def test_stages_chain_students_teachers_and_loras(tmp_path):
     cfg = validate(compose_cfg(["method=pad", f"output_dir={tmp_path}", "trainer.max_steps=700"]))
-    stages = PAD.stages(cfg, tmp_path)
-    by = {c.method.stage_name: c.method for c in stages}
-    exp = lambda name: str(tmp_path / "stages" / f"{next(i for i, c in enumerate(stages) if c.method.stage_name == name):02d}_{name}" / "export")
+    plan = PAD.plan(cfg, tmp_path)
+    stages = [stage_config(cfg, s, True, s.index == len(plan) - 1) for s in plan]
+    by = {s.name: SimpleNamespace(**s.info) for s in plan}
+    exp = lambda name: str(tmp_path / "stages" / f"{next(s.index for s in plan if s.name == name):02d}_{name}" / "export")
     assert by["s32_mse"].teacher is None and by["s32_mse"].student_init is None  # the base teaches at 128 steps
     assert by["s8_cond_lora"].teacher == exp("s32_mse") + "/unet"
     assert by["s8_uncond_lora"].student_init == exp("s32_mse") + "/unet"  # LoRA continued on the same base
@@ -121,10 +124,11 @@ def test_stages_chain_students_teachers_and_loras(tmp_path):
     assert by["s1_x0"].teacher == exp("s2_uncond_full") + "/unet"  # the frozen eps copy of its own start
     assert by["s1_cond"].teacher == exp("s4_uncond_full") + "/unet"  # skip-level teacher
     assert by["s1_cond"].student_prediction_type == "sample" and by["s1_cond"].teacher_prediction_type is None
-    assert [c.trainer.max_steps for c in stages][:2] == [700, 700] and stages[1].optim.betas == [0.0, 0.99]
-    assert stages[0].optim.betas == [0.9, 0.999] and stages[0].optim.lr == 1e-5
+    settings = [PAD.student_settings(cfg, st) for st in cfg.method.stages]
+    assert [c.trainer.max_steps for c in stages][:2] == [700, 700] and settings[1]["betas"] == [0.0, 0.99]
+    assert settings[0]["betas"] == [0.9, 0.999] and settings[0]["lr"] == 1e-5
     assert [c.trainer.export_dtype for c in stages] == ["fp32"] * (len(stages) - 1) + [cfg.trainer.export_dtype]
-    assert [c.method.stage_index for c in stages] == list(range(len(stages)))
+    assert [s.index for s in plan] == list(range(len(plan)))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -151,7 +155,7 @@ def test_teacher_moves_from_pure_noise_follow_the_trailing_euler_sampler(tmp_pat
     cfg = validate(compose_cfg(["method=pad", "model.pretrained=distill:random-sdxl", f"output_dir={tmp_path}"]))
     cfg.method.stages = [PADStage(**stage)]
     comps = load_components("distill:random-sdxl", parts=("unet",))
-    method = PAD(PAD.stages(cfg, tmp_path)[0], comps, torch.device("cpu"))
+    method = PAD(cfg, comps, torch.device("cpu"), stage=PAD.plan(cfg, tmp_path)[0])
     assert method.grid.tolist() == [999, 749, 499, 249, -1]
     noise, cond = torch.randn(2, 4, 16, 16), _cond(2, comps.unet)
     j = torch.zeros(2, dtype=torch.long)
@@ -182,9 +186,10 @@ def test_d_step_leaves_student_and_g_step_leaves_discriminator(tiny_data, tmp_pa
 
     stage = {"name": "s4", "student_steps": 4, "teacher_steps_per_student_step": 2, "lora": lora, "max_steps": 2, "lr": 1e-3}
     cfg = validate(_cfg(tmp_path, [stage], "method.lr_d=1e-3", f"trainer.gradient_checkpointing={checkpointing}"))
-    (stage_cfg,) = PAD.stages(cfg, tmp_path)
+    (stage,) = PAD.plan(cfg, tmp_path)
+    stage_cfg = stage_config(cfg, stage, False, True)
     acc = make_accelerator(stage_cfg)
-    trainer = Trainer(stage_cfg, acc, tmp_path)
+    trainer = Trainer(stage_cfg, acc, tmp_path, stage=stage)
     method = trainer.method
     student, d = method.student_raw, method.d_raw
     blocks = [m for m in d.backbone.modules() if hasattr(m, "gradient_checkpointing")]
@@ -242,29 +247,29 @@ def test_two_stage_run_chains_exports_and_samples_with_diffusers(tiny_data, tmp_
 def test_killed_mid_stage_resumes_mid_stage(tiny_data, tmp_path, monkeypatch):
     stages = [TWO[0], {**TWO[1], "max_steps": 4}]
     overrides = ("trainer.checkpoint_every_steps=1", "trainer.max_steps=100")  # the cap; stages set 1 and 4
-    original = PAD.after_step
+    original = PAD.losses
 
-    def crash(self, step):  # the process dies during stage 1's third step (checkpoint step_2 is on disk)
-        if self.cfg.method.stage_index == 1 and step == 3:
+    def crash(self, batch, phase, step):  # the process dies during stage 1's third step (step_2 is on disk)
+        if self.stage_info.index == 1 and step == 2:
             raise KeyboardInterrupt("killed")
-        original(self, step)
+        return original(self, batch, phase, step)
 
-    monkeypatch.setattr(PAD, "after_step", crash)
+    monkeypatch.setattr(PAD, "losses", crash)
     with pytest.raises(KeyboardInterrupt):
         run_training(_cfg(tmp_path, stages, *overrides))
     s0, s1 = tmp_path / "stages" / "00_s4_mse", tmp_path / "stages" / "01_s2_cond_lora"
     assert (s0 / "export" / "export.json").exists() and not (s1 / "export").exists()
     state = json.loads((s1 / "checkpoints" / "step_2" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["method"] == {"stage_index": 1, "stage_name": "s2_cond_lora"}
+    assert state["step"] == 2 and state["stage"] == {"index": 1, "name": "s2_cond_lora"}
     stamp = (s0 / "export" / "export.json").stat().st_mtime_ns
 
-    monkeypatch.setattr(PAD, "after_step", original)
+    monkeypatch.setattr(PAD, "losses", original)
     run_training(_cfg(tmp_path, stages, *overrides, "resume=latest"))
     assert (s0 / "export" / "export.json").stat().st_mtime_ns == stamp, "the finished stage ran again"
     steps = [json.loads(x)["step"] for x in (s1 / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4], steps  # continued at step 3 of stage 1, not from its start
     final = json.loads((s1 / "checkpoints" / "step_4" / "trainer_state.json").read_text())
-    assert final["method"]["stage_index"] == 1 and (s1 / "export" / "export.json").exists()
+    assert final["stage"]["index"] == 1 and (s1 / "export" / "export.json").exists()
 
 
 def test_lightning_tiny_exports_8_4_2_1_step_students(tiny_data, tmp_path):
@@ -292,11 +297,12 @@ def test_stages_continue_the_data_stream_and_the_seed_sequence(tiny_data, tmp_pa
     run = run_training(cfg)
     carry = json.loads((run / "stages" / "00_s4_mse" / "carry.json").read_text())
     assert carry["seed_step"] == TWO[0]["max_steps"] and carry["data"]["batch"] == TWO[0]["max_steps"]
-    stage1 = PAD.stages(cfg, run)[1]
+    stage1 = PAD.plan(cfg, run)[1]
+    cfg1 = stage_config(cfg, stage1, True, True)
     first = {}
     for name, c in (("replayed", None), ("carried", carry)):
-        acc = make_accelerator(stage1)
-        trainer = Trainer(stage1, acc, tmp_path / name, carry=c)
+        acc = make_accelerator(cfg1)
+        trainer = Trainer(cfg1, acc, tmp_path / name, carry=c, stage=stage1)
         batch = trainer.to_batch(next(iter(trainer.loader)))
         first[name] = (batch.captions, batch.seeds, batch.randn("eps", (4, 4, 4), torch.device("cpu")))
         trainer.close()

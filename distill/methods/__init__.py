@@ -1,4 +1,5 @@
-"""Training methods on one small interface (distill.methods.base.Method)."""
+"""Training methods on one small interface (distill.methods.base.Method), in ONE registry: a method's class holds
+its config schema (`Config`), its checks (`check`) and its stage plan (`plan`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ _REGISTRY = {
 }
 
 
+def register(name: str, target: str) -> None:
+    """Add a method ("module:Class") to the registry, e.g. from a plugin or a test."""
+    _REGISTRY[name] = target
+    METHOD_CLASSES.pop(name, None)
+
+
+def known_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
 class _Classes(dict):
     def __missing__(self, name: str):
         module, cls = _REGISTRY[name].split(":")
@@ -24,5 +35,5 @@ class _Classes(dict):
 METHOD_CLASSES = _Classes()
 
 
-def build_method(cfg, comps, device):
-    return METHOD_CLASSES[cfg.method.name](cfg, comps, device)
+def build_method(cfg, comps, device, stage=None):
+    return METHOD_CLASSES[cfg.method.name](cfg, comps, device, stage=stage)

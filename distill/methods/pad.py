@@ -1,7 +1,7 @@
 """Progressive adversarial distillation (SDXL-Lightning, arXiv 2402.13929).
 
-A run is a list of stages (configuration, `method.stages`); `PAD.stages` turns it into one training config per
-stage, run by distill.run one after another, each in `stages/<i>_<name>/` with its own checkpoints and export:
+A run is a list of stages (configuration, `method.stages`); `PAD.plan` turns it into one distill.stages.Stage per
+stage (what it starts from, persisted in its folder's stage.json), run by distill.stages one after another, each in `stages/<i>_<name>/` with its own checkpoints and export:
   - the student starts from the previous stage's fused export (`export/unet`); a LoRA stage that follows a LoRA
     stage continues that LoRA on the same base instead, so a chain of LoRA stages yields LoRAs for the base;
   - the teacher of a stage with n_s student steps and n teacher moves per student move is the last earlier stage
@@ -25,9 +25,11 @@ its raw module with D's parameters frozen for the whole phase (forward, backward
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +45,92 @@ from distill.diffusion import (
     guided_prediction,
     inference_timesteps,
     move,
-    sample_lightning,
     to_x0_eps,
     weight_dtype,
 )
+from distill.config import ConfigError, LoraConfig
 from distill.methods.base import Batch, Method
+from distill.optim import OptimizerSpec
+from distill.profiling import span
+from distill.sampler import SamplerSpec
+from distill.stages import Stage, stage_folder
 from distill.methods.discriminator import Discriminator
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.models.adapters import adapters_disabled, add_lora
 from distill.models.loader import load_fp32_unet, stored_fp32_state
+
+
+@dataclass
+class PADStage:
+    """One stage of progressive adversarial distillation (SDXL-Lightning, arXiv 2402.13929, Sec. 3.6). The stage
+    list is configuration; `PAD.plan` resolves what each stage starts from."""
+
+    name: str = "stage"  # also its folder: stages/<index>_<name>
+    student_steps: int = 8  # steps the student takes after this stage
+    teacher_steps_per_student_step: int = 4  # n: teacher moves per student move; the teacher is the last earlier
+    #   stage with student_steps = n * this stage's (the skip-level teacher for 2 and 1 step), else the base model
+    objective: str = "adversarial"  # mse | adversarial | x0 (1-step conversion: MSE against the frozen eps model)
+    discriminator: str = "conditional"  # conditional (on x_t) | unconditional
+    lora: bool = True  # train a LoRA (merged into the next stage's start) or the full UNet
+    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_steps)
+    guidance_scale: float = 1.0  # teacher CFG scale (the paper's 128 -> 32 MSE stage uses 6, no other stage)
+    renoise_timesteps: list[int] = field(default_factory=list)  # 1-step stage: t* to re-noise both outputs to
+    renoise_weights: list[float] = field(default_factory=list)  # relative odds of each t* (empty: equal)
+    train_timestep_steps: int = 0  # student start timesteps = trailing grid of this many steps (0: student_steps;
+    #   the paper trains 2- and 1-step students on {250, 500, 750, 1000}, i.e. 4)
+    prediction_type: Optional[str] = None  # the student's output: None keeps its init's; "sample" = x0 (1 step)
+    lr: Optional[float] = None  # student lr (None: optim.lr)
+    lr_d: Optional[float] = None  # discriminator lr (None: method.lr_d)
+    betas: Optional[list[float]] = None  # student Adam betas (None: method.betas if adversarial, else optim.betas)
+
+
+@dataclass
+class PADConfig:
+    name: str = "pad"
+    stages: list[PADStage] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))  # settings of every LoRA stage
+    lr_d: float = 1e-5
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.99])  # Adam betas of D and adversarial students
+    d_head_channels: int = 64  # width of the discriminator head's [4x4 conv s2, GroupNorm, SiLU] blocks
+    discriminator_init: str = "base"  # base (the paper: pre-trained SDXL encoder) | teacher (the stage's teacher)
+
+
+def _check_pad(m: DictConfig) -> None:
+    if not m.stages:
+        raise ConfigError("method.stages is empty: PAD needs at least one stage (see configs/method/pad.yaml)")
+    if m.discriminator_init not in ("base", "teacher"):
+        raise ConfigError(f"method.discriminator_init={m.discriminator_init!r}: expected base | teacher")
+    pred = None
+    for i, st in enumerate(m.stages):
+        key = f"method.stages[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", st.name):
+            raise ConfigError(f"{key}.name={st.name!r}: use letters, digits, _ . - (it names the stage folder)")
+        if st.objective not in ("mse", "adversarial", "x0"):
+            raise ConfigError(f"{key}.objective={st.objective!r}: expected mse | adversarial | x0")
+        if st.discriminator not in ("conditional", "unconditional"):
+            raise ConfigError(f"{key}.discriminator={st.discriminator!r}: expected conditional | unconditional")
+        if st.prediction_type not in (None, "epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"{key}.prediction_type={st.prediction_type!r}: expected epsilon | v_prediction | sample")
+        if st.student_steps < 1 or st.teacher_steps_per_student_step < 1 or st.max_steps < 1:
+            raise ConfigError(f"{key}: student_steps, teacher_steps_per_student_step and max_steps must be >= 1")
+        grid = st.train_timestep_steps or st.student_steps
+        if (st.student_steps * st.teacher_steps_per_student_step) % grid:
+            raise ConfigError(f"{key}.train_timestep_steps={grid} must divide the teacher's step count "
+                              f"{st.student_steps * st.teacher_steps_per_student_step} (its starts lie on that grid)")
+        if st.renoise_weights and len(st.renoise_weights) != len(st.renoise_timesteps):
+            raise ConfigError(f"{key}.renoise_weights needs one weight per renoise_timesteps entry")
+        if any(not 0 <= t < 1000 for t in st.renoise_timesteps):
+            raise ConfigError(f"{key}.renoise_timesteps must lie in [0, 1000)")
+        if st.objective == "x0":
+            if st.prediction_type != "sample" or st.student_steps != 1:
+                raise ConfigError(f"{key}: objective=x0 converts a 1-step student to x0 prediction: set "
+                                  "student_steps=1 and prediction_type=sample")
+        elif st.prediction_type is not None and (st.prediction_type != pred if pred is not None
+                                                 else st.prediction_type == "sample"):
+            raise ConfigError(f"{key}.prediction_type={st.prediction_type!r} differs from the model it starts from "
+                              f"({pred or 'the base'}): only an objective=x0 stage changes the parameterisation")
+        pred = st.prediction_type or pred
+
 
 
 def _load_unet(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -74,20 +153,30 @@ def _load_lora(unet: nn.Module, lora_dir: str) -> None:
 
 
 class PAD(Method):
-    def __init__(self, cfg: DictConfig, comps, device: torch.device):
-        super().__init__(cfg, comps, device)
+    Config = PADConfig
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        _check_pad(cfg.method)
+
+    def __init__(self, cfg: DictConfig, comps, device: torch.device, stage: Stage | None = None):
+        super().__init__(cfg, comps, device, stage)
         m = cfg.method
-        self.stage = st = m.stages[m.stage_index]
+        if stage is None:  # built outside a staged run (a test, the bench): the first stage, from the base
+            stage = Stage(m.stages[0].name, 0, Path(cfg.output_dir or "."), info={})
+        self.stage_info = stage
+        self.info = info = {"student_init": None, "lora_init": None, "teacher": None,
+                            "student_prediction_type": None, "teacher_prediction_type": None, **stage.info}
+        self.stage = st = m.stages[stage.index]
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
-        self.student_pred = m.student_prediction_type or self.schedule.prediction_type
-        self.teacher_pred = m.teacher_prediction_type or self.schedule.prediction_type
+        self.student_pred = info["student_prediction_type"] or self.schedule.prediction_type
+        self.teacher_pred = info["teacher_prediction_type"] or self.schedule.prediction_type
         self.adversarial = st.objective == "adversarial"
-        self.optimizer_names = ("d", "g") if self.adversarial else ("g",)
         self._grids(st, device)
         base = comps.unet
         frozen_dt = next(base.parameters()).dtype
         # x0 conversion: the frozen eps copy is the student's own start (the previous stage's model).
-        self.teacher = base if m.teacher is None else _load_unet(m.teacher, frozen_dt, device)
+        self.teacher = base if info["teacher"] is None else _load_unet(info["teacher"], frozen_dt, device)
         self.teacher.requires_grad_(False).eval()
         self.discriminator: Discriminator | None = None
         if self.adversarial:  # before add_lora, which changes the base UNet in place
@@ -96,17 +185,18 @@ class PAD(Method):
                 src = load_fp32_unet(comps)  # D trains in fp32 from the stored weights, not the rounded frozen copy
             self.discriminator = Discriminator(src, self._latent_size(cfg), m.d_head_channels,
                                                st.discriminator == "conditional").to(device)
-        self.shared = st.lora and m.lora_init is None and m.student_init == m.teacher  # teacher = adapters off
+        self.shared = st.lora and info["lora_init"] is None and info["student_init"] == info["teacher"]  # adapters off
         if st.lora:
             if self.shared:
                 self.student = self.teacher
             else:
-                self.student = base if m.student_init is None else _load_unet(m.student_init, frozen_dt, device)
+                self.student = (base if info["student_init"] is None
+                                else _load_unet(info["student_init"], frozen_dt, device))
             self.trainable = add_lora(self.student, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-            if m.lora_init:
-                _load_lora(self.student, m.lora_init)
+            if info["lora_init"]:
+                _load_lora(self.student, info["lora_init"])
         else:
-            self.student = (_load_unet(m.student_init, torch.float32, device) if m.student_init
+            self.student = (_load_unet(info["student_init"], torch.float32, device) if info["student_init"]
                             else load_fp32_unet(comps, device))  # the stored fp32 weights, not the frozen copy
             self.student.requires_grad_(True)
             self.trainable = list(self.student.parameters())
@@ -140,13 +230,23 @@ class PAD(Method):
         levels = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.exists() else 4
         return cfg.data.resolution // 2 ** (levels - 1)
 
-    def param_groups(self) -> list[list[dict]]:
-        g = [{"params": self.trainable}]
+    @staticmethod
+    def student_settings(cfg: DictConfig, st) -> dict:
+        """The student's optimizer settings in a stage: its lr, and Adam betas (0, 0.99) when adversarial."""
+        out = {"betas": list(st.betas or (cfg.method.betas if st.objective == "adversarial" else cfg.optim.betas))}
+        if st.lr is not None:
+            out["lr"] = st.lr
+        return out
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        """D then G when adversarial (alternating, each with its own lr and betas); G alone otherwise."""
+        m, st = self.cfg.method, self.stage
+        g = OptimizerSpec("g", [{"params": self.trainable}], overrides=self.student_settings(self.cfg, st),
+                          primary=True)
         if not self.adversarial:
             return [g]
-        m, st = self.cfg.method, self.stage
-        d = [{"params": list(self.discriminator.parameters()), "lr": st.lr_d if st.lr_d is not None else m.lr_d,
-              "betas": tuple(m.betas)}]
+        d = OptimizerSpec("d", [{"params": list(self.discriminator.parameters())}],
+                          overrides={"lr": st.lr_d if st.lr_d is not None else m.lr_d, "betas": list(m.betas)})
         return [d, g]
 
     # -- the trajectory ----------------------------------------------------------------------------------
@@ -162,6 +262,10 @@ class PAD(Method):
     @torch.no_grad()
     def teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
         """n teacher moves from grid index j (per sample); a sample that reaches the clean end stops there."""
+        with span("teacher"):
+            return self._teacher_path(x_t, j, cond)
+
+    def _teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
         last = len(self.grid) - 1
         x = x_t
         for k in range(self.n):
@@ -176,8 +280,9 @@ class PAD(Method):
         return x
 
     def _student_move(self, unet: nn.Module, x_t: Tensor, t: Tensor, t_next: Tensor, cond: UNetCond) -> Tensor:
-        out = call_unet(unet, x_t, t, cond)
-        return move(x_t, out, t, t_next, self.schedule, self.student_pred)
+        with span("student"):
+            out = call_unet(unet, x_t, t, cond)
+            return move(x_t, out, t, t_next, self.schedule, self.student_pred)
 
     def _draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(x_t, t, t_next, j): start index on the teacher grid, the student's target point n moves on."""
@@ -208,9 +313,10 @@ class PAD(Method):
             fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
             return {"loss": F.mse_loss(fake, real)}
         if self.stage.objective == "x0":
-            with torch.no_grad():
+            with torch.no_grad(), span("teacher"):
                 target, _ = to_x0_eps(self._teacher_output(x_t, t, cond), x_t, t, self.schedule, self.teacher_pred)
-            pred = call_unet(self.modules["student"], x_t, t, cond)
+            with span("student"):
+                pred = call_unet(self.modules["student"], x_t, t, cond)
             return {"loss": F.mse_loss(pred, target)}
         cond_d = (x_t, t) if self.stage.discriminator == "conditional" else (None, None)
         if phase == "d":
@@ -218,12 +324,14 @@ class PAD(Method):
                 real = self.teacher_path(x_t, j, cond)
                 fake = self._student_move(self.student_raw, x_t, t, t_next, cond)
             (real, fake), s = self._for_d(batch, [real, fake], t_next)
-            logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
+            with span("d"):
+                logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
             l_real, l_fake = logits.chunk(2)
             return {"loss": d_loss(l_real, l_fake), "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
         fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
         (fake,), s = self._for_d(batch, [fake], t_next)
-        l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
+        with span("d"):
+            l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
         return {"loss": g_loss(l_fake)}
 
     def phase_scope(self, phase: str):
@@ -232,16 +340,14 @@ class PAD(Method):
 
     # -- stages ------------------------------------------------------------------------------------------
     @classmethod
-    def stages(cls, cfg: DictConfig, run_dir: Path) -> list[DictConfig]:
-        """One config per stage, each pointing at what it starts from (see the module docstring)."""
+    def plan(cls, cfg: DictConfig, run_dir: Path) -> list[Stage]:
+        """One Stage per `method.stages` entry, each pointing at what it starts from (see the module docstring)."""
         specs = list(cfg.method.stages)
-        dirs = [Path(run_dir) / "stages" / f"{i:02d}_{s.name}" for i, s in enumerate(specs)]
+        dirs = [stage_folder(run_dir, i, s.name) for i, s in enumerate(specs)]
         lora_base: list[str | None] = []
         preds: list[str | None] = []
         out = []
         for i, st in enumerate(specs):
-            c = copy.deepcopy(cfg)
-            m = c.method
             prev_export = str(dirs[i - 1] / "export" / "unet") if i else None
             if i and st.lora and specs[i - 1].lora:  # continue the LoRA on the same base
                 init, lora_init = lora_base[i - 1], str(dirs[i - 1] / "export" / "lora")
@@ -257,32 +363,17 @@ class PAD(Method):
                 src = next((k for k in range(i - 1, -1, -1) if specs[k].student_steps == want), None)
                 teacher = None if src is None else str(dirs[src] / "export" / "unet")
                 teacher_pred = None if src is None else preds[src]
-            m.stage_name, m.stage_index = st.name, i
-            m.student_init, m.lora_init, m.teacher = init, lora_init, teacher
-            m.student_prediction_type, m.teacher_prediction_type = preds[i], teacher_pred
-            c.trainer.max_steps = min(st.max_steps, cfg.trainer.max_steps)
-            if st.lr is not None:
-                c.optim.lr = st.lr
-            c.optim.betas = list(st.betas or (cfg.method.betas if st.objective == "adversarial" else cfg.optim.betas))
-            c.trainer.validation_steps = [st.student_steps]
-            if len(specs) > 1:
-                c.trainer.export_at_end = True  # the next stage starts from this export; it also marks "done"
-                if i < len(specs) - 1:
-                    c.trainer.export_dtype = "fp32"  # small late-stage updates would round away in fp16
-                if cfg.resume and cfg.resume != "latest":  # a checkpoint path belongs to one stage only
-                    inside = Path(cfg.resume).resolve().is_relative_to(dirs[i].resolve())
-                    c.resume = cfg.resume if inside else "latest"
-            out.append(c)
+            info = {"student_init": init, "lora_init": lora_init, "teacher": teacher,
+                    "student_prediction_type": preds[i], "teacher_prediction_type": teacher_pred}
+            out.append(Stage(st.name, i, dirs[i] if len(specs) > 1 else Path(run_dir), info=info,
+                             trainer={"max_steps": st.max_steps, "validation_steps": [st.student_steps]}))
         return out
 
-    # -- state, sampling, export ---------------------------------------------------------------------------
-    def meta_state(self) -> dict:
-        return {"stage_index": int(self.cfg.method.stage_index), "stage_name": self.stage.name}
-
-    def load_meta_state(self, meta: dict) -> None:
-        if meta and meta.get("stage_index", self.cfg.method.stage_index) != self.cfg.method.stage_index:
-            raise RuntimeError(f"checkpoint of stage {meta.get('stage_index')} ({meta.get('stage_name')}) loaded "
-                               f"into stage {self.cfg.method.stage_index} ({self.stage.name})")
+    # -- sampling, export ----------------------------------------------------------------------------------
+    def sampler(self) -> SamplerSpec:
+        """Euler on trailing timesteps at the stage's step count, no CFG at inference (paper Table 1); an x0
+        student (the 1-step stage) predicts `sample`."""
+        return SamplerSpec("euler", (self.stage.student_steps,), 1.0, prediction_type=self.student_pred)
 
     @torch.no_grad()
     def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
@@ -290,21 +381,17 @@ class PAD(Method):
         was_training = unet.training
         unet.eval()
         try:  # the Euler state in fp32 around the student's weight dtype
-            return sample_lightning(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, self.student_pred)
+            return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
         finally:
             unet.train(was_training)
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from distill.export import export_student
 
-        m, st = self.cfg.method, self.stage
-        sample = self.student_pred == "sample"
+        st, own = self.stage, self.info
         info = {"method": "pad" + ("-lora" if st.lora else ""), "teacher": self.cfg.model.pretrained,
-                "stage": st.name, "stage_teacher": m.teacher or self.cfg.model.pretrained,
-                "lora_base": m.student_init or self.cfg.model.pretrained,
-                "scheduler": "EulerDiscreteScheduler-trailing" + ("-sample" if sample else ""),
-                "steps": [st.student_steps], "guidance_scale": 1.0,  # no CFG at inference (paper Table 1)
-                "arch": self.comps.arch, "prediction_type": self.student_pred}
-        lora_base = stored_fp32_state(self.student_raw, self.comps, m.student_init) if st.lora else None
+                "stage": st.name, "stage_teacher": own["teacher"] or self.cfg.model.pretrained,
+                "lora_base": own["student_init"] or self.cfg.model.pretrained, "arch": self.comps.arch}
+        lora_base = stored_fp32_state(self.student_raw, self.comps, own["student_init"]) if st.lora else None
         export_student(self.student_raw, Path(out_dir), lora=st.lora, dtype=dtype, info=info,
-                       base_path=self.comps.path, lora_base=lora_base)
+                       sampler=self.sampler(), base_path=self.comps.path, lora_base=lora_base)

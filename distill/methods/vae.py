@@ -4,20 +4,40 @@ sec. 3) with L1 + L2 reconstruction and a small KL; no perceptual or GAN loss at
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from distill.config import ConfigError
 from distill.methods.base import Batch, Method
+from distill.optim import OptimizerSpec
+
+
+@dataclass
+class VAEConfig:
+    """Autoencoder training (the tiny world's VAE): L1 + L2 reconstruction and a small KL."""
+
+    name: str = "vae"
+    kl_weight: float = 1e-6
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    from_scratch: bool = False
 
 
 class VAETraining(Method):
+    Config = VAEConfig
     input_kind = "pixels"
 
-    def __init__(self, cfg, comps, device):
-        super().__init__(cfg, comps, device)
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.data.kind == "latents":
+            raise ConfigError("data.kind=latents cannot train a VAE: it needs image shards")
+
+    def __init__(self, cfg, comps, device, stage=None):
+        super().__init__(cfg, comps, device, stage)
         vae = comps.vae
         if cfg.method.from_scratch:
             torch.manual_seed(cfg.trainer.seed)
@@ -26,8 +46,8 @@ class VAETraining(Method):
         self.modules = {"vae": self.vae}
         self.z_sum, self.z_sq, self.z_n = 0.0, 0.0, 0  # latent statistics -> scaling_factor (LDM: 1/std)
 
-    def param_groups(self):
-        return [[{"params": list(self.vae.parameters())}]]
+    def optimizers(self) -> list[OptimizerSpec]:
+        return [OptimizerSpec("g", [{"params": list(self.vae.parameters())}])]
 
     def losses(self, batch: Batch, phase: str, step: int):
         m = self.cfg.method

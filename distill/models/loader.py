@@ -187,3 +187,15 @@ def load_fp32_unet(comps: Components, device: str | torch.device = "cpu"):
     unet = UNet2DConditionModel.from_pretrained(comps.path, subfolder="unet", revision=comps.extra.get("revision"),
                                                 variant=comps.extra.get("variant"))
     return unet.to(device=device, dtype=torch.float32)
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def frozen_dtype(cfg, device: torch.device) -> torch.dtype:
+    """Frozen nets (teacher, VAE, text encoders) run in half precision on GPU, fp32 on CPU."""
+    if cfg.model.frozen_dtype != "auto":
+        return _DTYPES[cfg.model.frozen_dtype]
+    if device.type == "cuda" and cfg.trainer.mixed_precision in ("fp16", "bf16"):
+        return _DTYPES[cfg.trainer.mixed_precision]
+    return torch.float32

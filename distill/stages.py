@@ -1,0 +1,114 @@
+"""Generic staging: a run made of stages (PAD's 128 -> 32 -> 8 -> 4 -> 2 -> 1 chain, the progressive consistency
+methods to come). A method's `plan` returns `Stage`s; this module runs them one Trainer each, in
+`stages/<i>_<name>/` with its own checkpoints and export, skips finished ones on resume, keeps intermediate exports
+in fp32, maps a checkpoint path to its stage, hands the data position and seed sequence on (`carry.json`), writes
+what the stage was derived from (`stage.json`) and copies the last export to the run's `export/`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+CARRY = "carry.json"  # a finished stage's data position and seed sequence, read by the next stage
+STAGE = "stage.json"  # what a stage starts from (the method's stage-derived values), for export and inspection
+
+
+@dataclass
+class Stage:
+    """One stage of a run. `info`: the method's stage-derived values (what the student, teacher or LoRA start
+    from; prediction types), never user config keys. `trainer`: trainer.* settings of this stage (max_steps is
+    capped by the user's trainer.max_steps)."""
+
+    name: str
+    index: int
+    folder: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["folder"] = str(self.folder)
+        return d
+
+    @classmethod
+    def read(cls, folder: Path) -> Stage | None:
+        path = Path(folder) / STAGE
+        if not path.exists():
+            return None
+        d = json.loads(path.read_text())
+        return cls(d["name"], d["index"], Path(d["folder"]), d.get("info", {}), d.get("trainer", {}))
+
+
+def stage_folder(run_dir: Path, index: int, name: str) -> Path:
+    """The one rule for a stage's folder."""
+    return Path(run_dir) / "stages" / f"{index:02d}_{name}"
+
+
+def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> DictConfig:
+    """The run's config with the stage's trainer settings; a stage of a chain always exports (the next stage starts
+    from it, and it marks the stage done), in fp32 unless it is the last (small late updates would round away)."""
+    c = copy.deepcopy(cfg)
+    for key, value in stage.trainer.items():
+        c.trainer[key] = min(value, cfg.trainer.max_steps) if key == "max_steps" else value
+    if staged:
+        c.trainer.export_at_end = True
+        if not last:
+            c.trainer.export_dtype = "fp32"
+        if cfg.resume and cfg.resume != "latest":  # a checkpoint path belongs to one stage only
+            inside = Path(cfg.resume).resolve().is_relative_to(stage.folder.resolve())
+            c.resume = cfg.resume if inside else "latest"
+    return c
+
+
+def run_stages(cfg: DictConfig, acc, run_dir: Path) -> None:
+    """Plan the method's stages and run them in order (one Trainer each)."""
+    from accelerate.utils import set_seed
+
+    from distill.methods import METHOD_CLASSES
+    from distill.trainer import Trainer
+
+    stages = METHOD_CLASSES[cfg.method.name].plan(cfg, run_dir)
+    staged, carry = len(stages) > 1, None
+    for i, stage in enumerate(stages):
+        if staged and (stage.folder / "export" / "export.json").exists() and cfg.resume:
+            carry = _read_carry(stage.folder)
+            continue
+        if staged and not cfg.resume and (stage.folder / "export").exists():
+            raise RuntimeError(f"{stage.folder} already has an export; use resume=latest or a new output_dir")
+        if staged and acc.is_main_process:
+            stage.folder.mkdir(parents=True, exist_ok=True)
+            (stage.folder / STAGE).write_text(json.dumps(stage.to_json(), indent=1))
+        set_seed(cfg.trainer.seed + i, device_specific=False)
+        trainer = Trainer(stage_config(cfg, stage, staged, i == len(stages) - 1), acc, stage.folder, carry=carry,
+                          stage=stage)
+        try:
+            trainer.fit()
+            carry = trainer.carry()
+            if staged and acc.is_main_process:  # stage-derived state lives in the stage folder
+                (stage.folder / CARRY).write_text(json.dumps(carry))
+            acc.wait_for_everyone()
+        finally:
+            trainer.close()
+        acc.free_memory()  # forget this stage's prepared modules/optimizers before the next stage
+    if staged and acc.is_main_process:
+        _copy_final_export(run_dir, stages[-1].folder)
+
+
+def _read_carry(stage_dir: Path) -> dict | None:
+    """What a finished stage handed on (None for a stage finished before stages carried their data position)."""
+    path = stage_dir / CARRY
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _copy_final_export(run_dir: Path, last_stage_dir: Path) -> None:
+    """The run's export/ is the last stage's (copied, so it survives moving the run folder)."""
+    dst = run_dir / "export"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(last_stage_dir / "export", dst)
