@@ -8,9 +8,10 @@ Metrics per row (same prompts and per-sample seeded noise in every row):
   mse_t50   mean per-sample pixel MSE to the teacher's 50-step DDIM image from the same noise and prompt
 The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form; `--teacher-guidance 5 3` adds rows at
 other scales; the 50-step reference of mse_t50 is always the first scale). Students sample the way their export's
-model card says (LCMScheduler, TCDScheduler or Euler trailing), using the exported (fused) UNet; `--student-guidance 3 5`
-samples students that take a guidance (w) input at those CFG scales instead of the card's (w = scale - 1), and
-`--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those gammas (eta).
+model card says (LCMScheduler, TCDScheduler, Euler trailing or DDIM trailing), using the exported (fused) UNet;
+`--student-guidance 3 5` samples students that take a guidance (w) input at those CFG scales instead of the card's
+(w = scale - 1), and `--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those
+gammas (eta).
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class Bench:
             gamma = float(info.get("eta", 0.0)) if info["scheduler"] == "TCDScheduler" else None
             gamma = gamma if sampler == "card" else None if sampler == "lcm" else float(sampler)
             method += "-lcm" if gamma is None else f"-tcd{gamma:g}"
-        else:
+        ddim = info.get("scheduler") == "DDIMScheduler-trailing"
+        if not consistency:
             pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
         for steps in info.get("steps", [1, 2, 4, 8]):
             if consistency:
@@ -129,6 +131,14 @@ class Bench:
                         c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
                                      guidance_embedding(torch.full((len(s),), scale - 1.0), w_dim))
                     return sample_lcm(unet, z, c, self.schedule, steps, s, original_inference_steps=n_orig, gamma=gamma)
+            elif ddim:  # deterministic DDIM, trailing, no CFG (PCM students; a w input gets the card's w)
+
+                def fn(z, c, s, steps=steps):
+                    if w_dim is not None:
+                        c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
+                                     guidance_embedding(torch.full((len(s),), scale - 1.0), w_dim))
+                    return sample_teacher(unet, z, c, None, self.schedule, steps, solver="ddim", guidance_scale=1.0,
+                                          spacing="trailing")
             else:
 
                 def fn(z, c, s, steps=steps):

@@ -37,6 +37,9 @@ def scheduler_code(info: dict) -> str:
         n = int(info.get("original_inference_steps", 50))
         extra = f", original_inference_steps={n}" if n != 50 else ""
         return f"pipe.scheduler = {info['scheduler']}.from_config(pipe.scheduler.config{extra})"
+    if info["scheduler"] == "DDIMScheduler-trailing":
+        return ('pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", '
+                "clip_sample=False)")
     extra = ', prediction_type="sample"' if predicts_x0(info) else ""
     return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
             f'timestep_spacing="trailing"{extra})')
@@ -49,6 +52,8 @@ def scheduler_desc(info: dict) -> str:
     if info["scheduler"] == "TCDScheduler":
         return (f"TCDScheduler from the teacher's scheduler config, original_inference_steps={n}, eta (gamma) = "
                 f"{float(info.get('eta', 0.0)):g} in the pipeline call")
+    if info["scheduler"] == "DDIMScheduler-trailing":
+        return 'DDIMScheduler, timestep_spacing="trailing", clip_sample=False (deterministic, eta 0)'
     return 'EulerDiscreteScheduler, timestep_spacing="trailing"' + (', prediction_type="sample"'
                                                                      if predicts_x0(info) else "")
 
@@ -57,7 +62,8 @@ def _facts(info: dict) -> dict:
     steps = list(info["steps"])
     gs = float(info["guidance_scale"])
     return {"pipe": "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline",
-            "sched": info["scheduler"] if info["scheduler"] in CONSISTENCY_SCHEDULERS else "EulerDiscreteScheduler",
+            "sched": info["scheduler"] if info["scheduler"] in CONSISTENCY_SCHEDULERS else
+            info["scheduler"].split("-")[0],
             "steps": steps, "n": steps[len(steps) // 2] if steps else 4, "gs": gs,
             # the single file has no w input: a w-embedding student's w is baked in and samples with CFG 1
             "ui_cfg": 1.0 if "single_file_baked_w" in info else gs,
@@ -177,6 +183,9 @@ def _comfyui(info: dict, f: dict) -> str:
         if info["scheduler"] == "TCDScheduler":
             lines.append(f"- TCD (eta {float(info.get('eta', 0.0)):g}) is not in core ComfyUI: use a TCD custom "
                          "node; the core `lcm` sampler is TCD with eta 1")
+    elif info["scheduler"] == "DDIMScheduler-trailing":
+        lines.append(f"- KSampler: sampler `ddim`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
+                     f"cfg {cfg:g}")
     else:
         lines.append(f"- KSampler: sampler `euler`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
                      f"cfg {cfg:g}")
@@ -200,6 +209,8 @@ def _a1111(info: dict, f: dict) -> str:
             lines.append("- A1111's LCM sampler assumes the 50-step skip grid, as ComfyUI's does")
         if info["scheduler"] == "TCDScheduler":
             lines.append("- A1111 has no TCD sampler: `LCM` is TCD with eta 1")
+    elif info["scheduler"] == "DDIMScheduler-trailing":
+        lines.append(f"- sampler `DDIM`, schedule type `SGM Uniform`, steps {n}, CFG scale {cfg:g}")
     else:
         lines.append(f"- sampler `Euler`, schedule type `SGM Uniform`, steps {n}, CFG scale {cfg:g}")
         if predicts_x0(info):

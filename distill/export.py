@@ -32,7 +32,8 @@ from distill.card import CONSISTENCY_SCHEDULERS, LDM_LORA, model_card
 __all__ = ["CONSISTENCY_SCHEDULERS", "LDM_LORA", "export_run", "export_student", "load_export", "main", "model_card"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULERS = (*CONSISTENCY_SCHEDULERS, "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample")
+SCHEDULERS = (*CONSISTENCY_SCHEDULERS, "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample",
+              "DDIMScheduler-trailing")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -152,9 +153,11 @@ def _export_single_file(config: dict, state: dict[str, torch.Tensor], out: Path,
 # -- loading back ----------------------------------------------------------------------------------------------
 def make_scheduler(info: dict, base_config: dict):
     """The scheduler an export's card names, built from the teacher's scheduler config."""
-    from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
     name = info["scheduler"]
+    if name == "DDIMScheduler-trailing":  # deterministic (eta 0); x0 unclipped (latents), as distill samples
+        return DDIMScheduler.from_config(base_config, timestep_spacing="trailing", clip_sample=False)
     if name in CONSISTENCY_SCHEDULERS:
         cls = LCMScheduler if name == "LCMScheduler" else TCDScheduler
         return cls.from_config(base_config, original_inference_steps=int(info.get("original_inference_steps", 50)))
