@@ -8,10 +8,9 @@ Metrics per row (same prompts and per-sample seeded noise in every row):
   mse_t50   mean per-sample pixel MSE to the teacher's 50-step DDIM image from the same noise and prompt
 The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form; `--teacher-guidance 5 3` adds rows at
 other scales; the 50-step reference of mse_t50 is always the first scale). Students sample the way their export's
-model card says (LCMScheduler, TCDScheduler, Euler trailing or DDIM trailing), using the exported (fused) UNet;
-`--student-guidance 3 5` samples students that take a guidance (w) input at those CFG scales instead of the card's
-(w = scale - 1), and `--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those
-gammas (eta).
+sampler spec says (distill.sampler: LCMScheduler, TCDScheduler, Euler or DDIM trailing), using the exported (fused) UNet; `--student-guidance 3 5`
+samples students that take a guidance (w) input at those CFG scales instead of the card's (w = scale - 1), and
+`--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those gammas (eta).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,10 +27,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from distill.data.synthetic import ATTRIBUTES, caption  # noqa: E402
-from distill.diffusion import NoiseSchedule, UNetCond, sample_lcm, sample_lightning, sample_teacher, seeded_noise  # noqa: E402
+from distill.diffusion import NoiseSchedule, UNetCond, seeded_noise  # noqa: E402
 from distill.evaluate import load_evaluator, mse_to_reference, real_reference, save_grid  # noqa: E402
 from distill.models import decode_latents, encode_prompts, load_components  # noqa: E402
-from distill.models.adapters import guidance_embedding  # noqa: E402
+from distill.sampler import SamplerSpec  # noqa: E402
 
 TEACHER_STEPS = [50, 25, 8, 4, 2, 1]
 QUICK_TEACHER_STEPS = [50, 8, 4, 2, 1]
@@ -97,54 +97,35 @@ class Bench:
 
     def teacher_rows(self, steps_list: list[int], guidance: float = GUIDANCE):
         unet = self.comps.unet
+        spec = SamplerSpec("ddim", tuple(steps_list), guidance)
         for steps in steps_list:
-            imgs, secs = self.generate(lambda z, c, s: sample_teacher(
-                unet, z, c, c.zeros_like(), self.schedule, steps, solver="ddim", guidance_scale=guidance,
-                spacing="trailing"))
+            imgs, secs = self.generate(lambda z, c, s: spec.sample(unet, z, c, self.schedule, steps, s,
+                                                                   uncond=c.zeros_like()))
             yield {"model": "teacher", "method": f"ddim-trailing-cfg{guidance:g}", "guidance": guidance, "steps": steps,
                    "seconds": round(secs, 1)}, imgs
 
     def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card"):
-        from distill.export import CONSISTENCY_SCHEDULERS, load_export
+        """Rows of an export sampled by its sampler spec; `guidance` overrides a w-input student's scale,
+        `sampler` a consistency student's scheduler (lcm, or a TCD gamma)."""
+        from distill.export import load_export, read_export
 
-        info = json.loads((export_dir / "export.json").read_text())
+        info, spec = read_export(export_dir)
         pipe = load_export(export_dir, self.comps.path)
         unet = pipe.unet.float().eval()
-        name = str(export_dir)
         w_dim = unet.config.time_cond_proj_dim  # set: the UNet takes the guidance w as an input
-        scale = guidance if guidance is not None and w_dim is not None else float(info.get("guidance_scale", 1.0))
-        method = info.get("method", "?") + (f"-cfg{scale:g}" if w_dim is not None else "")
-        consistency = info.get("scheduler") in CONSISTENCY_SCHEDULERS
-        if consistency:
-            n_orig = int(info.get("original_inference_steps", 50))
-            gamma = float(info.get("eta", 0.0)) if info["scheduler"] == "TCDScheduler" else None
-            gamma = gamma if sampler == "card" else None if sampler == "lcm" else float(sampler)
-            method += "-lcm" if gamma is None else f"-tcd{gamma:g}"
-        ddim = info.get("scheduler") == "DDIMScheduler-trailing"
-        if not consistency:
-            pred = info.get("prediction_type") or ("sample" if info.get("scheduler", "").endswith("sample") else "epsilon")
-        for steps in info.get("steps", [1, 2, 4, 8]):
-            if consistency:
-
-                def fn(z, c, s, steps=steps):
-                    if w_dim is not None:
-                        c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
-                                     guidance_embedding(torch.full((len(s),), scale - 1.0), w_dim))
-                    return sample_lcm(unet, z, c, self.schedule, steps, s, original_inference_steps=n_orig, gamma=gamma)
-            elif ddim:  # deterministic DDIM, trailing, no CFG (PCM students; a w input gets the card's w)
-
-                def fn(z, c, s, steps=steps):
-                    if w_dim is not None:
-                        c = UNetCond(c.encoder_hidden_states, c.text_embeds, c.time_ids,
-                                     guidance_embedding(torch.full((len(s),), scale - 1.0), w_dim))
-                    return sample_teacher(unet, z, c, None, self.schedule, steps, solver="ddim", guidance_scale=1.0,
-                                          spacing="trailing")
-            else:
-
-                def fn(z, c, s, steps=steps):
-                    return sample_lightning(unet, z, c, self.schedule, steps, prediction_type=pred)
-            imgs, secs = self.generate(fn)
-            yield {"model": name, "method": method, "guidance": scale, "steps": steps, "seconds": round(secs, 1)}, imgs
+        if guidance is not None and w_dim is not None:
+            spec = replace(spec, guidance_scale=float(guidance))
+        if spec.consistency and sampler != "card":
+            spec = replace(spec, kind="lcm", eta=None) if sampler == "lcm" else replace(spec, kind="tcd",
+                                                                                         eta=float(sampler))
+        method = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if w_dim is not None else "")
+        if spec.consistency:
+            method += "-lcm" if spec.kind == "lcm" else f"-tcd{spec.eta:g}"
+        for steps in spec.steps:
+            imgs, secs = self.generate(lambda z, c, s, steps=steps: spec.sample(unet, z, c, self.schedule, steps, s,
+                                                                                w_dim=w_dim, uncond=c.zeros_like()))
+            yield {"model": str(export_dir), "method": method, "guidance": spec.guidance_scale, "steps": steps,
+                   "seconds": round(secs, 1)}, imgs
 
 
 def markdown(rows: list[dict]) -> str:

@@ -4,8 +4,8 @@ weights equal the uninterrupted run's bit for bit, and records the uninterrupted
 
     python bench/soak.py --steps 2000 --every 100 --kills 12 --out runs/soak      # ~15 min on 2 CPU cores
 
-Every third kill lands while a checkpoint is being written (the run is held inside the write by the
-DISTILL_FAULT_SLEEP_IN_CHECKPOINT test hook); the others at a random moment. Writes <out>/soak.json and prints a
+Every third kill lands while a checkpoint is being written (that run starts through tests/fault_train.py, whose
+test double holds each checkpoint half-written for 3 s); the others at a random moment. Writes <out>/soak.json and prints a
 markdown summary for bench/RESULTS.md. Exits 1 if any check fails.
 """
 
@@ -29,8 +29,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cmd(args, out: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "train.py"), f"+experiment={args.experiment}", f"output_dir={out}",
+def _cmd(args, out: Path, resume: bool, slow_checkpoint: float = 0) -> list[str]:
+    """train.py, or (slow_checkpoint) tests/fault_train.py with checkpoints held half-written that long."""
+    entry = ([str(ROOT / "tests" / "fault_train.py"), "--slow-checkpoint", str(slow_checkpoint), "--"]
+             if slow_checkpoint else [str(ROOT / "train.py")])
+    cmd = [sys.executable, *entry, f"+experiment={args.experiment}", f"output_dir={out}",
            f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every_steps={args.every}",
            f"trainer.checkpoints_keep={args.keep}", "trainer.export_at_end=false", "trainer.validation_prompts=[]",
            "trainer.progress_bar=false", f"trainer.log_every_steps={max(1, args.every // 10)}",
@@ -115,9 +118,8 @@ def killed(args, out: Path, record: dict) -> None:
     kills, starts, problems, t0 = [], 0, [], time.time()
     while True:
         mid_checkpoint = len(kills) < args.kills and len(kills) % 3 == 2
-        env = _env({"DISTILL_FAULT_SLEEP_IN_CHECKPOINT": "3"} if mid_checkpoint else None)
         resume = (out / "checkpoints").exists()
-        proc = _start(_cmd(args, out, resume), env, out.parent / f"killed_{starts}.log")
+        proc = _start(_cmd(args, out, resume, 3 if mid_checkpoint else 0), _env(), out.parent / f"killed_{starts}.log")
         starts += 1
         if len(kills) >= args.kills:
             proc.wait()

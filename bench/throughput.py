@@ -2,14 +2,15 @@
 
     python bench/throughput.py --out FILE.json [--size tiny|sdxl] [--steps N] [--warmup N] [--batch B]
 
-Each method (LCD full, LCD-LoRA, one PAD adversarial stage) is built by the project's code and stepped by the
-real `Trainer.train_step` (losses, backward, clipping, optimizer + LR steps, EMA) on one fixed synthetic batch
-(no data loading). `--size tiny`: the tiny world's SDXL-architecture UNet (`distill:random-world`), 8x8
+Each method (LCD full, LCD-LoRA, one PAD adversarial stage) is built by the real `Trainer.build` (only its
+components and loader hooks swapped for in-memory ones) and stepped by the real `Trainer.train_step` (losses,
+backward, clipping, optimizer + LR steps, EMA) on one fixed synthetic batch (no data loading). `--size tiny`: the tiny world's SDXL-architecture UNet (`distill:random-world`), 8x8
 latents, batch 32, fp32. `--size sdxl` (CUDA only): the real SDXL UNet (SDXL_UNET, random weights), 128x128
-latents, the *_sdxl experiments' settings (bf16 autocast, gradient checkpointing). Each pass of the step is
-also timed alone (teacher, target, student forward+backward, clipping, optimizer, ...): `overhead_pct =
-step / sum(parts) - 1` is what the step costs beyond its passes (seeded per-sample draws, wrappers, Python).
-Medians of --steps rounds after --warmup; the step and its parts take turns within a round.
+latents, the *_sdxl experiments' settings (bf16 autocast, gradient checkpointing). The passes of the same real
+step are timed by the distill.profiling spans inside the methods and the loop (teacher, target, student, d
+forwards; backward, clip, optimizer, callbacks): `overhead_pct = step / sum(parts) - 1` is what the step costs
+beyond its passes (seeded per-sample draws, loss arithmetic, wrappers, Python). Medians of --steps rounds after
+--warmup; each round times one bare step and one under the span timer.
 Peak memory: CUDA max_memory_allocated; CPU the process's VmHWM, reset per method through
 /proc/self/clear_refs (it includes interpreter and libraries: see mem_at_start_mib). FLOPs per step:
 torch.utils.flop_counter (with gradient checkpointing the recomputed forward counts too); MFU: achieved FLOP/s
@@ -40,14 +41,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from distill.config import register_configs, validate
-from distill.diffusion import UNetCond, guided_ddim_step
-from distill.methods import METHOD_CLASSES, build_method
+from distill.diffusion import UNetCond
+from distill.methods import METHOD_CLASSES
 from distill.methods.base import Batch
-from distill.methods.lcd import pseudo_huber
-from distill.methods.pad import frozen
 from distill.models import Components, load_components
-from distill.models.adapters import adapters_disabled
 from distill.models.tiny import SDXL_SCHEDULER
+from distill.profiling import SpanTimer
 from distill.runner import make_accelerator
 from distill.stages import stage_config  # noqa: E402
 from distill.trainer import Trainer, frozen_dtype
@@ -194,18 +193,18 @@ def sdxl_components(device: torch.device, dtype: torch.dtype, path: str) -> Comp
 
 
 class BenchTrainer(Trainer):
-    """The real Trainer (its train_step is what is timed) on in-memory components: no data loader, no
-    checkpoints. `build` runs the method / optimizer / prepare part of Trainer.build."""
+    """The real Trainer, built by its own `build` (method, optimizer specs, checks, Accelerate prepare), on in-memory
+    components and without a data loader: the two hooks `build` takes them from are the only overrides."""
 
     def __init__(self, cfg, accelerator, run_dir: Path, comps: Components):
         self._bench_comps = comps
         super().__init__(cfg, accelerator, run_dir)
 
-    def build(self) -> None:
-        self.comps = self._bench_comps
-        self.method = build_method(self.cfg, self.comps, self.device)
-        self.make_optimizers()
-        self.prepare()
+    def components(self, parts):
+        return self._bench_comps
+
+    def make_loader(self):
+        return None
 
 
 def synthetic_batch(unet_config, batch: int, latent: int, resolution: int, device: torch.device) -> Batch:
@@ -219,96 +218,27 @@ def synthetic_batch(unet_config, batch: int, latent: int, resolution: int, devic
     return Batch(latents=latents, cond=cond, captions=["x"] * batch, seeds=list(range(batch)))
 
 
-# -- the passes of a step, each timed alone ----------------------------------------------------------------
-def update_parts(tr: Trainer, index: int, fwd_bwd: Fn, tag: str = "") -> dict[str, Fn]:
-    """Gradient clipping and the optimizer step of optimizer `index`, timed with real gradients in place."""
-    opt = tr.optimizers[index]
-    params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
-    max_norm = tr.cfg.optim.max_grad_norm if tr.cfg.optim.max_grad_norm > 0 else float("inf")
-    fwd_bwd()
-    # float(): the trainer reads the norm back (a device sync on CUDA)
-    return {f"clip{tag}": lambda: float(tr.acc.clip_grad_norm_(params, max_norm)),
-            f"optimizer_step{tag}": opt.step}
-
-
-def lcd_parts(tr: Trainer, batch: Batch) -> dict[str, Fn]:
-    """LCD (Algorithm 1): the teacher's guided DDIM step (cond + uncond, ONE forward of 2B), the target
-    network's consistency function (no grad), the student's forward + backward; clipping, optimizer, EMA."""
-    m, mc, acc, x, cond = tr.method, tr.cfg.method, tr.acc, batch.latents, batch.cond
-    t = m.grid[len(m.grid) // 2].repeat(x.shape[0])
-    s, w = (t - m.k).clamp(min=0), torch.full((x.shape[0],), float(mc.w_min), device=x.device)
-    scond, target_net = m._cond(cond, w), (m.student if m.lora else m.ema.model)
-
-    def teacher() -> None:
-        with torch.no_grad():
-            if m.lora:
-                with adapters_disabled(m.student):
-                    guided_ddim_step(m.student, x, t, s, cond, cond.zeros_like(), w, m.schedule)
-            else:
-                dt = next(m.teacher.parameters()).dtype
-                guided_ddim_step(m.teacher, x.to(dt), t, s, cond.to(dtype=dt), cond.zeros_like().to(dtype=dt),
-                                 w.to(dt), m.schedule)
-
-    def target():
-        with torch.no_grad():
-            return m._consistency(target_net, x, s, scond)
-
-    tgt = target().float()
-
-    def student() -> None:
-        tr.optimizers[0].zero_grad(set_to_none=True)
-        pred = m._consistency(m.modules["student"], x, t, scond)
-        acc.backward(pseudo_huber(pred.float(), tgt, mc.huber_c))
-
-    parts = {"teacher_fwd_2B": teacher, "target_fwd": target, "student_fwd_bwd": student,
-             **update_parts(tr, 0, student)}
-    if m.ema is not None:
-        parts["ema_update"] = lambda: m.ema.update(m.student)
-    return parts
-
-
-def pad_parts(tr: Trainer, batch: Batch) -> dict[str, Fn]:
-    """A PAD adversarial step (eqs. 17-23): D phase = n teacher moves (no grad), the student's move (no grad),
-    D on [real; fake] forward + backward; G phase = the student's move + D (frozen) forward + backward."""
-    import torch.nn.functional as F
-
-    m, acc, x0, cond = tr.method, tr.acc, batch.latents, batch.cond
-    if not m.adversarial:
-        raise ValueError(f"stage {m.stage.name!r} is not adversarial")
-    j = m.start_index[:1].repeat(x0.shape[0])  # the first start (t = T): all n teacher moves run
-    t, t_next = m.grid[j], m.grid[(j + m.n).clamp(max=len(m.grid) - 1)]
-    x_t = torch.randn_like(x0)  # pure noise at t = T (Sec. 3.3)
-    cond_d = (x_t, t) if m.stage.discriminator == "conditional" else (None, None)
-    real = m.teacher_path(x_t, j, cond)
-    with torch.no_grad():
-        fake = m._student_move(m.student_raw, x_t, t, t_next, cond)
-    (real_d, fake_d), s = m._for_d(batch, [real, fake], t_next)
-    d_i, g_i = tr.index["d"], tr.index["g"]
-
-    def student_move() -> None:
-        with torch.no_grad():
-            m._student_move(m.student_raw, x_t, t, t_next, cond)
-
-    def d_fwd_bwd() -> None:
-        tr.optimizers[d_i].zero_grad(set_to_none=True)
-        logits = m.modules["discriminator"](torch.cat([real_d, fake_d]), torch.cat([s, s]), cond, *cond_d)
-        l_real, l_fake = logits.chunk(2)
-        acc.backward(F.softplus(-l_real).mean() + F.softplus(l_fake).mean())
-
-    def g_fwd_bwd() -> None:
-        tr.optimizers[g_i].zero_grad(set_to_none=True)
-        out = m._student_move(m.modules["student"], x_t, t, t_next, cond)
-        (out,), s2 = m._for_d(batch, [out], t_next)
-        with frozen(m.d_raw):
-            l_fake = m.d_raw(out, s2, cond, *cond_d)
-        acc.backward(F.softplus(-l_fake).mean())
-
-    return {f"teacher_fwd_{m.n}x": lambda: m.teacher_path(x_t, j, cond), "student_fwd_nograd": student_move,
-            "d_fwd_bwd_2B": d_fwd_bwd, **update_parts(tr, d_i, d_fwd_bwd, "_d"),
-            "g_fwd_bwd": g_fwd_bwd, **update_parts(tr, g_i, g_fwd_bwd, "_g")}
-
-
-PARTS = {"lcd": lcd_parts, "pad": pad_parts}
+# -- the passes of the real step ----------------------------------------------------------------------------
+def step_and_parts(tr: Trainer, data: Batch, device: torch.device, steps: int, warmup: int) -> tuple[float, dict]:
+    """Median seconds of the real `Trainer.train_step`, and of each of its passes (the distill.profiling spans
+    inside the methods and the loop: teacher, target, student, d, backward, clip, optimizer, callbacks), each
+    summed over the step. A round times one step bare, then one under the span timer (which syncs the device at
+    each span's ends): the overhead `step / sum(parts) - 1` compares the two, both of the real step."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    bare, parts = [], {}
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        tr.train_step([data])
+        sync()
+        timer = SpanTimer(device)
+        with timer.installed():
+            tr.train_step([data])
+        if i >= warmup:
+            bare.append(time.perf_counter() - t0)
+            for k, v in timer.seconds.items():
+                parts.setdefault(k, []).append(v)
+    return statistics.median(bare), {k: statistics.median(v) for k, v in parts.items()}
 
 
 # -- one method --------------------------------------------------------------------------------------------
@@ -328,9 +258,7 @@ def bench_method(name: str, size: str, batch: int, steps: int, warmup: int, over
             data = synthetic_batch(comps.unet.config, batch, lat, cfg.data.resolution, device)
             tr.train_step([data])  # the first step allocates optimizer state: the peak is a whole step's
             peak, mem_kind = peak_memory(device)
-            fns = {"step": lambda: tr.train_step([data]), **PARTS[cfg.method.name](tr, data)}
-            parts = median_times(fns, device, steps, warmup)
-            step = parts.pop("step")
+            step, parts = step_and_parts(tr, data, device, steps, warmup)
             total = sum(parts.values())
             flops = count_flops(lambda: tr.train_step([data]))
             row = dict(method=name, experiment=METHODS[name][0 if size == "tiny" else 1], batch=batch,

@@ -4,7 +4,7 @@ ComfyUI, A1111 and refiners.
 The diffusers snippets run with diffusers alone (no `distill` import: the teacher is written out as a hub id or
 an absolute folder), on CUDA in fp16 or on the CPU in fp32, so a user can paste them unchanged and the tests run
 them as they are. The UI settings follow from the sampler the student was trained for: LCMScheduler -> ComfyUI's
-`lcm` sampler; trailing Euler (SDXL-Lightning) -> `euler` + `sgm_uniform`, and ModelSamplingDiscrete `x0` for an
+`lcm` sampler; trailing Euler (SDXL-Lightning) -> `euler` + `sgm_uniform` (trailing DDIM: `ddim`), and ModelSamplingDiscrete `x0` for an
 x0-predicting (1-step) student, which otherwise samples garbage because ComfyUI assumes eps prediction.
 """
 
@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-CONSISTENCY_SCHEDULERS = ("LCMScheduler", "TCDScheduler")  # consistency-model samplers: skip grid, w-embedding
+from distill.sampler import SamplerSpec
+
 LDM_LORA = "lora_ldm.safetensors"  # original (LDM) module names: ComfyUI, A1111 (and diffusers for SDXL)
 PROMPT = "a photo of a cat"
 
 
 def predicts_x0(info: dict) -> bool:
-    return info["scheduler"].endswith("-sample") or info.get("prediction_type") == "sample"
+    return SamplerSpec.from_info(info).predicts_x0
 
 
 def model_ref(name: str) -> str:
@@ -32,42 +33,41 @@ def model_ref(name: str) -> str:
     return str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
 
 
+def _overrides(spec: SamplerSpec) -> str:
+    """The scheduler_kwargs written as python (the skip grid only when it is not diffusers' default 50)."""
+    kw = spec.scheduler_kwargs()
+    if spec.consistency and spec.grid == 50:
+        kw = {}
+    return "".join(f", {k}={json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in kw.items())
+
+
 def scheduler_code(info: dict) -> str:
-    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
-        n = int(info.get("original_inference_steps", 50))
-        extra = f", original_inference_steps={n}" if n != 50 else ""
-        return f"pipe.scheduler = {info['scheduler']}.from_config(pipe.scheduler.config{extra})"
-    if info["scheduler"] == "DDIMScheduler-trailing":
-        return ('pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", '
-                "clip_sample=False)")
-    extra = ', prediction_type="sample"' if predicts_x0(info) else ""
-    return ("pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, "
-            f'timestep_spacing="trailing"{extra})')
+    spec = SamplerSpec.from_info(info)
+    return f"pipe.scheduler = {spec.scheduler_class}.from_config(pipe.scheduler.config{_overrides(spec)})"
 
 
 def scheduler_desc(info: dict) -> str:
-    n = int(info.get("original_inference_steps", 50))
-    if info["scheduler"] == "LCMScheduler":
-        return f"LCMScheduler from the teacher's scheduler config, original_inference_steps={n}"
-    if info["scheduler"] == "TCDScheduler":
-        return (f"TCDScheduler from the teacher's scheduler config, original_inference_steps={n}, eta (gamma) = "
-                f"{float(info.get('eta', 0.0)):g} in the pipeline call")
-    if info["scheduler"] == "DDIMScheduler-trailing":
-        return 'DDIMScheduler, timestep_spacing="trailing", clip_sample=False (deterministic, eta 0)'
-    return 'EulerDiscreteScheduler, timestep_spacing="trailing"' + (', prediction_type="sample"'
-                                                                     if predicts_x0(info) else "")
+    spec = SamplerSpec.from_info(info)
+    if spec.consistency:
+        desc = (f"{spec.scheduler_class} from the teacher's scheduler config, "
+                f"original_inference_steps={spec.grid}")
+        return desc + (f", eta (gamma) = {float(spec.eta or 0.0):g} in the pipeline call" if spec.kind == "tcd" else "")
+    extra = f', prediction_type="{spec.prediction_type}"' if spec.predicts_x0 else ""
+    return f'{spec.scheduler_class}, timestep_spacing="trailing"{extra}'
 
 
 def _facts(info: dict) -> dict:
-    steps = list(info["steps"])
-    gs = float(info["guidance_scale"])
+    spec = SamplerSpec.from_info(info)
+    steps = list(spec.steps)
+    gs = float(spec.guidance_scale)
     return {"pipe": "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline",
-            "sched": info["scheduler"] if info["scheduler"] in CONSISTENCY_SCHEDULERS else
-            info["scheduler"].split("-")[0],
+            "spec": spec, "sched": spec.scheduler_class,
             "steps": steps, "n": steps[len(steps) // 2] if steps else 4, "gs": gs,
             # the single file has no w input: a w-embedding student's w is baked in and samples with CFG 1
             "ui_cfg": 1.0 if "single_file_baked_w" in info else gs,
-            "eta": f", eta={float(info['eta']):g}" if "eta" in info else "",  # TCD's gamma (the pipeline's: 0)
+            "eta": f", eta={float(spec.eta):g}" if spec.eta is not None else "",  # TCD's gamma (the pipeline's: 0)
+            "timesteps": "".join(f", timesteps={list(v)}" for k, v in spec.timesteps.items()
+                                 if k == (steps[len(steps) // 2] if steps else 4)),
             "teacher": info["teacher"], "base": info.get("lora_base") or info["teacher"]}
 
 
@@ -94,7 +94,7 @@ Few-step {info['arch'].upper()} student distilled with `distill` (method `{info[
 |---|---|
 | teacher | `{f['teacher']}` |
 | steps | {', '.join(map(str, f['steps']))} |
-| scheduler | `{info['scheduler']}` ({scheduler_desc(info)}) |
+| scheduler | `{f['spec'].scheduler_name}` ({scheduler_desc(info)}) |
 | guidance_scale | {f['gs']:g} |
 | prediction type | {'sample (x0)' if predicts_x0(info) else 'as the teacher'} |
 | dtype | {info.get('dtype', '')} |
@@ -123,7 +123,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.float16 if device == "cuda" else torch.float32
 {load}
 {scheduler_code(info)}
-image = pipe("{PROMPT}", num_inference_steps={f['n']}, guidance_scale={gs:g}{f['eta']}).images[0]
+image = pipe("{PROMPT}", num_inference_steps={f['n']}, guidance_scale={gs:g}{f['eta']}{f['timesteps']}).images[0]
 image.save("{name}.png")
 ```
 
@@ -173,21 +173,19 @@ def _comfyui(info: dict, f: dict) -> str:
     n, cfg, lines = f["n"], f["ui_cfg"], []
     loader = "LoraLoaderModelOnly" if "lora" in info else "Load Checkpoint"
     lines.append(f"- file: {_ui_file(info, f, 'models/checkpoints')}; LoRA files go in models/loras ({loader})")
-    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
+    spec = f["spec"]
+    if spec.consistency:
         lines.append(f"- KSampler: sampler `lcm`, scheduler `sgm_uniform`, steps {n}, cfg {cfg:g}; "
                      "ModelSamplingDiscrete sampling `lcm` before it (the consistency boundary scalings)")
-        orig = int(info.get("original_inference_steps", 50))
+        orig = spec.grid
         if orig != 50:
             lines.append(f"- ComfyUI's `lcm` sampling assumes the 50-step skip grid; this student was trained on "
                          f"{orig} (diffusers' `original_inference_steps={orig}` above is exact)")
-        if info["scheduler"] == "TCDScheduler":
-            lines.append(f"- TCD (eta {float(info.get('eta', 0.0)):g}) is not in core ComfyUI: use a TCD custom "
+        if spec.kind == "tcd":
+            lines.append(f"- TCD (eta {float(spec.eta or 0.0):g}) is not in core ComfyUI: use a TCD custom "
                          "node; the core `lcm` sampler is TCD with eta 1")
-    elif info["scheduler"] == "DDIMScheduler-trailing":
-        lines.append(f"- KSampler: sampler `ddim`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
-                     f"cfg {cfg:g}")
     else:
-        lines.append(f"- KSampler: sampler `euler`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
+        lines.append(f"- KSampler: sampler `{spec.kind}`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
                      f"cfg {cfg:g}")
         if predicts_x0(info):
             lines.append("- the student predicts x0: add ModelSamplingDiscrete with sampling `x0` between the model "
@@ -203,16 +201,16 @@ def _a1111(info: dict, f: dict) -> str:
     lines = [f"- file: {_ui_file(info, f, 'models/Stable-diffusion')}"]
     if "lora" in info:
         lines.append(f"- LoRA: `{LDM_LORA}` in models/Lora, prompt `<lora:{LDM_LORA.removesuffix('.safetensors')}:1>`")
-    if info["scheduler"] in CONSISTENCY_SCHEDULERS:
+    spec = f["spec"]
+    if spec.consistency:
         lines.append(f"- sampler `LCM`, steps {n}, CFG scale {cfg:g}")
-        if int(info.get("original_inference_steps", 50)) != 50:
+        if spec.grid != 50:
             lines.append("- A1111's LCM sampler assumes the 50-step skip grid, as ComfyUI's does")
-        if info["scheduler"] == "TCDScheduler":
+        if spec.kind == "tcd":
             lines.append("- A1111 has no TCD sampler: `LCM` is TCD with eta 1")
-    elif info["scheduler"] == "DDIMScheduler-trailing":
-        lines.append(f"- sampler `DDIM`, schedule type `SGM Uniform`, steps {n}, CFG scale {cfg:g}")
     else:
-        lines.append(f"- sampler `Euler`, schedule type `SGM Uniform`, steps {n}, CFG scale {cfg:g}")
+        lines.append(f"- sampler `{spec.kind.upper() if spec.kind == 'ddim' else 'Euler'}`, schedule type "
+                     f"`SGM Uniform`, steps {n}, CFG scale {cfg:g}")
         if predicts_x0(info):
             lines.append("- A1111 has no x0-prediction setting: sample this student with diffusers or ComfyUI")
     return "\n## A1111 (Stable Diffusion web UI)\n\n" + "\n".join(lines) + "\n"

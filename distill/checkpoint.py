@@ -23,19 +23,13 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _fault_injection_pause() -> None:
-    """Testing hook: DISTILL_FAULT_SLEEP_IN_CHECKPOINT=SECONDS holds a checkpoint half-written, so the fault tests
-    can kill -9 the run at exactly that point. Unset in normal runs."""
-    seconds = os.environ.get("DISTILL_FAULT_SLEEP_IN_CHECKPOINT")
-    if seconds:
-        import time
-
-        time.sleep(float(seconds))
-
-
 class CheckpointManager:
     def __init__(self, root: Path, keep: int, accelerator: Accelerator):
         self.root, self.keep, self.acc = Path(root), keep, accelerator
+
+    def before_commit(self, tmp: Path) -> None:
+        """Called on every rank once the models are in `tmp` and before the trainer state marks it complete.
+        A no-op; the fault tests' double (tests/fault_train.py) holds a checkpoint half-written here."""
 
     def check_writable(self, min_free_bytes: int = 0) -> None:
         """Fail before compute is spent when the run folder cannot take a checkpoint."""
@@ -85,7 +79,7 @@ class CheckpointManager:
         self.acc.save_state(str(tmp))  # all ranks: DeepSpeed shards are written by each
         self._save_deepspeed_weights(tmp)  # scale-out (issue 9)
         self.acc.wait_for_everyone()
-        _fault_injection_pause()
+        self.before_commit(tmp)
         if self.acc.is_main_process:
             if tensors:
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / TENSORS))

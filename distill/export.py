@@ -27,13 +27,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from distill import export_formats as fmt
-from distill.card import CONSISTENCY_SCHEDULERS, LDM_LORA, model_card
+from distill.card import LDM_LORA, model_card
+from distill.sampler import SamplerSpec
 
-__all__ = ["CONSISTENCY_SCHEDULERS", "LDM_LORA", "export_run", "export_student", "load_export", "main", "model_card"]
+__all__ = ["LDM_LORA", "SamplerSpec", "export_run", "export_student", "load_export", "main", "model_card"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEDULERS = (*CONSISTENCY_SCHEDULERS, "EulerDiscreteScheduler-trailing", "EulerDiscreteScheduler-trailing-sample",
-              "DDIMScheduler-trailing")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -58,12 +57,14 @@ def _pipeline_class(arch: str):
 
 
 def export_student(unet: nn.Module, out_dir: Path, *, lora: bool, dtype: torch.dtype, info: dict,
-                   base_path: str, lora_base: dict[str, torch.Tensor] | None = None) -> None:
+                   base_path: str, lora_base: dict[str, torch.Tensor] | None = None,
+                   sampler: SamplerSpec | None = None) -> None:
     """Write the student `unet` (a diffusers UNet2DConditionModel; with `lora=True` it carries the PEFT adapter
-    "default") in every format above. `unet` is not modified. `info` (method, teacher, scheduler, steps,
-    guidance_scale, arch, optional prediction_type) goes into the card and export.json; `base_path` is the
-    teacher's diffusers folder, whose VAE and text encoders complete the single-file checkpoint. `lora_base`: the
-    LoRA's base weights as stored, when the trained copy is half precision (see fmt.fused_state_dict)."""
+    "default") in every format above. `unet` is not modified. `sampler` says how the student samples (or `info`
+    carries the flat keys of one, see SamplerSpec.from_info); it and `info` (method, teacher, arch, ...) go into
+    the card and export.json. `base_path` is the teacher's diffusers folder, whose VAE and text encoders complete
+    the single-file checkpoint. `lora_base`: the LoRA's base weights as stored, when the trained copy is half
+    precision (see fmt.fused_state_dict)."""
     from distill.models.loader import detect_arch, resolve_model_path
 
     unet = _unwrap(unet)
@@ -71,9 +72,8 @@ def export_student(unet: nn.Module, out_dir: Path, *, lora: bool, dtype: torch.d
     out.mkdir(parents=True, exist_ok=True)
     base_path = resolve_model_path(str(base_path))
     info = dict(info)
+    info.update((sampler or SamplerSpec.from_info(info)).to_info())
     info.setdefault("arch", detect_arch(base_path))
-    if info["scheduler"] not in SCHEDULERS:
-        raise ValueError(f"info['scheduler']={info['scheduler']!r}: expected one of {SCHEDULERS}")
     files: list[str] = []
     if lora:
         info["lora"] = _export_lora(unet, out, dtype, info["arch"])
@@ -151,41 +151,27 @@ def _export_single_file(config: dict, state: dict[str, torch.Tensor], out: Path,
 
 
 # -- loading back ----------------------------------------------------------------------------------------------
-def make_scheduler(info: dict, base_config: dict):
-    """The scheduler an export's card names, built from the teacher's scheduler config."""
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
-
-    name = info["scheduler"]
-    if name == "DDIMScheduler-trailing":  # deterministic (eta 0); x0 unclipped (latents), as distill samples
-        return DDIMScheduler.from_config(base_config, timestep_spacing="trailing", clip_sample=False)
-    if name in CONSISTENCY_SCHEDULERS:
-        cls = LCMScheduler if name == "LCMScheduler" else TCDScheduler
-        return cls.from_config(base_config, original_inference_steps=int(info.get("original_inference_steps", 50)))
-    if name.startswith("EulerDiscreteScheduler-trailing"):
-        kw = {"timestep_spacing": "trailing"}
-        if name.endswith("-sample") or info.get("prediction_type") == "sample":
-            kw["prediction_type"] = "sample"
-        elif info.get("prediction_type"):
-            kw["prediction_type"] = info["prediction_type"]
-        return EulerDiscreteScheduler.from_config(base_config, **kw)
-    raise ValueError(f"unknown scheduler {name!r} in the export's info (expected one of {SCHEDULERS})")
+def read_export(export_dir: str | Path) -> tuple[dict, SamplerSpec]:
+    """An export's export.json and its sampler spec."""
+    info = json.loads((Path(export_dir) / "export.json").read_text())
+    return info, SamplerSpec.from_info(info)
 
 
 def load_export(export_dir: str | Path, base_path: str | None = None, *, torch_dtype: torch.dtype | None = None):
     """A diffusers pipeline of the teacher at `base_path` (default: the export's teacher) with the export's
-    fused UNet and the scheduler its card names."""
+    fused UNet and the scheduler of its sampler spec (sample it with `spec.pipeline_kwargs(steps)`)."""
     from diffusers import UNet2DConditionModel
 
     from distill.models.loader import resolve_model_path
 
     export_dir = Path(export_dir)
-    info = json.loads((export_dir / "export.json").read_text())
+    info, spec = read_export(export_dir)
     base = resolve_model_path(str(base_path or info["teacher"]))
     kw = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     unet = UNet2DConditionModel.from_pretrained(str(export_dir / "unet"), **kw)
     cls = _pipeline_class(info["arch"])
     base_sched = json.loads((Path(base) / "scheduler" / "scheduler_config.json").read_text())
-    return cls.from_pretrained(base, unet=unet, scheduler=make_scheduler(info, base_sched), **kw)
+    return cls.from_pretrained(base, unet=unet, scheduler=spec.scheduler(base_sched), **kw)
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------------

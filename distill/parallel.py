@@ -109,3 +109,15 @@ def engine_backward(engine, loss: torch.Tensor, boundary: bool) -> float | None:
     engine.step()
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else 0.0
+
+
+def fill_deepspeed_auto(acc: Accelerator, cfg) -> None:
+    """The loader is not prepared, so DeepSpeed's "auto" micro-batch and clipping cannot be inferred from it:
+    fill them from the run's config."""
+    ds = acc.state.deepspeed_plugin
+    if ds is None:
+        return
+    for key, value in (("train_micro_batch_size_per_gpu", cfg.data.batch_size),
+                       ("gradient_clipping", cfg.optim.max_grad_norm)):
+        if ds.is_auto(key):
+            ds.deepspeed_config[key] = value

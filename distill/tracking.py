@@ -4,11 +4,11 @@ images to every tracker, and secrets kept out of everything written."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
@@ -87,3 +87,27 @@ def flat_config(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
     return out
+
+
+def config_changes(old: dict | None, new: dict, ignore: tuple[str, ...] = ("resume",)) -> list[str]:
+    """'key: old -> new' for every leaf setting that differs between a checkpoint's config and this run's."""
+    if not old:
+        return []
+    a, b = flat_config(old), flat_config(new)
+    return [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in sorted(a.keys() | b.keys())
+            if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+class Terms:
+    """Logged values of one step, summed on device and averaged over micro-batches and repeated phases."""
+
+    def __init__(self):
+        self.sums: dict[str, list] = {}
+
+    def add(self, key: str, value) -> None:
+        value = value.detach().float() if torch.is_tensor(value) else value
+        s = self.sums.setdefault(key, [0.0, 0])
+        s[0], s[1] = s[0] + value, s[1] + 1
+
+    def means(self) -> dict:
+        return {k: s / n for k, (s, n) in self.sums.items()}

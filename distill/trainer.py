@@ -22,36 +22,13 @@ from distill.methods import build_method
 from distill.models import load_components
 from distill.models.loader import frozen_dtype  # noqa: F401  (re-exported for bench/throughput.py)
 from distill.optim import build_optimizer, build_schedule, load_schedule_state, schedule_state
-from distill.parallel import engine_backward, no_zero3_init, prepare_engines
-from distill.tracking import Tracker, flat_config
+from distill.parallel import engine_backward, fill_deepspeed_auto, no_zero3_init, prepare_engines
+from distill.profiling import span
+from distill.tracking import Terms, Tracker, config_changes
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-def config_changes(old: dict | None, new: dict, ignore: tuple[str, ...] = ("resume",)) -> list[str]:
-    """'key: old -> new' for every leaf setting that differs between a checkpoint's config and this run's."""
-    if not old:
-        return []
-    a, b = flat_config(old), flat_config(new)
-    return [f"{k}: {a.get(k, '<unset>')} -> {b.get(k, '<unset>')}" for k in sorted(a.keys() | b.keys())
-            if k not in ignore and a.get(k, "<unset>") != b.get(k, "<unset>")]
-
-
-class _Terms:
-    """Logged values of one step, summed on device and averaged over micro-batches and repeated phases."""
-
-    def __init__(self):
-        self.sums: dict[str, list] = {}
-
-    def add(self, key: str, value) -> None:
-        value = value.detach().float() if torch.is_tensor(value) else value
-        s = self.sums.setdefault(key, [0.0, 0])
-        s[0], s[1] = s[0] + value, s[1] + 1
-
-    def means(self) -> dict:
-        return {k: s / n for k, (s, n) in self.sums.items()}
 
 
 class Trainer:
@@ -83,9 +60,7 @@ class Trainer:
 
         parts = needed_parts(METHOD_CLASSES[cfg.method.name].input_kind, cfg.data.kind)
         with no_zero3_init(acc):  # frozen parts whole on every rank; only what trains is partitioned (prepare)
-            self.comps = load_components(cfg.model.pretrained, vae=cfg.model.vae, dtype=frozen_dtype(cfg, self.device),
-                                         device=self.device, parts=parts, revision=cfg.model.revision,
-                                         variant=cfg.model.variant)
+            self.comps = self.components(parts)
             self.method = build_method(cfg, self.comps, self.device, stage=self.stage)
         self.make_optimizers()
         # A checkpoint holds the trainable weights, two Adam moments and the method's extra state (EMA): check
@@ -94,17 +69,21 @@ class Trainer:
         trainable = sum(p.numel() * p.element_size() for p in self.trained_params())
         extra = sum(t.numel() * t.element_size() for t in self.method.state_dict().values())
         self.ckpt_manager.check_writable(min_free_bytes=int(3 * trainable + extra) + (16 << 20))
-        ds = acc.state.deepspeed_plugin  # the loader is not prepared, so DeepSpeed's "auto" micro-batch and
-        if ds is not None:  # clipping cannot be inferred from it: fill them from this config
-            for key, value in (("train_micro_batch_size_per_gpu", cfg.data.batch_size),
-                               ("gradient_clipping", cfg.optim.max_grad_norm)):
-                if ds.is_auto(key):
-                    ds.deepspeed_config[key] = value
+        fill_deepspeed_auto(acc, cfg)
         self.prepare()
-        self.loader = build_loader(cfg.data, rank=acc.process_index, world_size=acc.num_processes,
-                                   seed=cfg.trainer.seed)
+        self.loader = self.make_loader()
         if "data" in self.carried:  # a later stage: go on from the previous stage's data position
             self.loader.load_state_dict(self.carried["data"])
+
+    def components(self, parts: tuple[str, ...]):
+        """The pretrained parts the method needs (frozen ones in frozen_dtype), from `model.*`."""
+        m = self.cfg.model
+        return load_components(m.pretrained, vae=m.vae, dtype=frozen_dtype(self.cfg, self.device), device=self.device,
+                               parts=parts, revision=m.revision, variant=m.variant)
+
+    def make_loader(self):
+        return build_loader(self.cfg.data, rank=self.acc.process_index, world_size=self.acc.num_processes,
+                            seed=self.cfg.trainer.seed)
 
     def carry(self) -> dict:
         """Where this run left off, for the next stage: data position and seed sequence."""
@@ -175,17 +154,18 @@ class Trainer:
     def train_step(self, batches: list[Batch]) -> dict:
         """One optimizer step per phase, each over `len(batches)` micro-batches (gradient accumulation). Returns the
         step's logged values (tensors on device), averaged over micro-batches and repeated phases."""
-        terms = _Terms()
+        terms = Terms()
         for phase in self.method.phases(self.step):
             with self.method.phase_scope(phase):
                 taken = self.phase_step(self.index[phase], batches, terms)
             if not taken:
                 return terms.means()
         self.nonfinite_in_a_row = 0
-        self._each("on_train_step_end", self.step + 1)
+        with span("callbacks"):
+            self._each("on_train_step_end", self.step + 1)
         return terms.means()
 
-    def phase_step(self, i: int, batches: list[Batch], terms: _Terms) -> bool:
+    def phase_step(self, i: int, batches: list[Batch], terms: Terms) -> bool:
         """One phase's micro-batches and optimizer step; False when the step is skipped (non-finite on any rank).
         The decision is made on the phase's `loss` and gradient norm, once per optimizer step."""
         acc, spec, opt, sched, engine = self.acc, self.specs[i], self.optimizers[i], self.schedulers[i], self.engines[i]
@@ -208,7 +188,8 @@ class Trainer:
                             return self.on_nonfinite(terms)
                         trained = [p for p in engine.module.parameters() if p.requires_grad]
                         loss = sum(p.sum() for p in trained) * 0.0  # zero gradient: step on the finite ones
-                    norm = engine_backward(engine, loss, acc.sync_gradients)
+                    with span("backward"):  # and, at the boundary, clipping and the optimizer step
+                        norm = engine_backward(engine, loss, acc.sync_gradients)
                     backed = True
                     if norm is not None:
                         sched.step()
@@ -217,21 +198,24 @@ class Trainer:
                             return self.on_nonfinite(terms)
                     continue
                 bad |= ~torch.isfinite(loss.detach())
-                acc.backward(loss)
+                with span("backward"):
+                    acc.backward(loss)
                 if acc.sync_gradients:
-                    norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-                    norm = norm.detach() if norm is not None else torch.zeros((), device=self.device)
+                    with span("clip"):
+                        norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+                        norm = norm.detach() if norm is not None else torch.zeros((), device=self.device)
                     terms.add(f"train/grad_norm_{spec.name}", norm)
                     if self.any_rank(bool(bad | ~torch.isfinite(norm))):
                         opt.zero_grad(set_to_none=True)
                         return self.on_nonfinite(terms)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+                    with span("optimizer"):
+                        opt.step()
+                        sched.step()
+                        opt.zero_grad(set_to_none=True)
         terms.sums[f"train/lr_{spec.name}"] = [sched.get_last_lr()[0], 1]
         return True
 
-    def on_nonfinite(self, terms: _Terms) -> bool:
+    def on_nonfinite(self, terms: Terms) -> bool:
         self.counters["nonfinite_steps"] += 1
         self.nonfinite_in_a_row += 1
         if self.nonfinite_in_a_row >= self.cfg.trainer.max_nonfinite_steps:

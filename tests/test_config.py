@@ -87,7 +87,7 @@ def test_incompatible_values_are_rejected():
 
 
 def test_config_changes_names_each_changed_leaf():
-    from distill.trainer import config_changes
+    from distill.tracking import config_changes
 
     old = {"method": {"num_ddim_timesteps": 10, "lora": {"rank": 8}}, "gone": 1, "resume": None}
     new = {"method": {"num_ddim_timesteps": 20, "lora": {"rank": 8}}, "added": [1, 2], "resume": "latest"}

@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from conftest import ROOT
-from helpers import compose_cfg, train, weights
+from helpers import train, weights
 from distill.trainer import NonFiniteError
 
 FAST = ["+experiment=lcm_lora_tiny", "+debug=fast", "trainer.export_at_end=false", "trainer.validation_prompts=[]",
         "data.batch_size=4", "method.lora.rank=4"]
 
 
-def _start(out: Path, extra: list[str], env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "train.py", *FAST, f"output_dir={out}", *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+def _start(out: Path, extra: list[str], doubles: list[str] | None = None) -> subprocess.Popen:
+    """train.py, or tests/fault_train.py with test doubles (`--slow-checkpoint 30`) when `doubles` are given."""
+    entry = ["tests/fault_train.py", *doubles, "--"] if doubles else ["train.py"]
+    cmd = [sys.executable, *entry, *FAST, f"output_dir={out}", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -58,7 +60,7 @@ def test_kill_9_while_writing_a_checkpoint_keeps_the_previous_one(tiny_data, tmp
     assert first.wait() == 0, first.stderr.read()[-3000:]
     before = weights(out, 2)
     # resume and die while step_4 is half-written (models saved, trainer state not yet)
-    proc = _start(out, steps + ["resume=latest"], env={"DISTILL_FAULT_SLEEP_IN_CHECKPOINT": "30"})
+    proc = _start(out, steps + ["resume=latest"], doubles=["--slow-checkpoint", "30"])
     _wait_for(out / "checkpoints/.tmp-step_4/model.safetensors", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -165,8 +165,6 @@ def test_run_exports_and_the_diffusers_pipeline_samples_what_distill_samples(tin
     from distill.diffusion import UNetCond, seeded_noise
     from distill.export import load_export
     from distill.models import decode_latents, encode_prompts, load_components
-    from distill.models.adapters import guidance_embedding
-
     extra = [] if "lora" in experiment else ["method.w_embedding_dim=32"]
     run = train([f"+experiment={experiment}", "+debug=fast", f"output_dir={tmp_path}/run", "data.batch_size=2",
                  "trainer.export_dtype=fp32", *extra])
@@ -191,10 +189,12 @@ def test_run_exports_and_the_diffusers_pipeline_samples_what_distill_samples(tin
                latents=noise.clone()).images * 2 - 1
     emb, pooled = encode_prompts(comps, prompts)
     w_dim = pipe.unet.config.time_cond_proj_dim
-    w_emb = guidance_embedding(torch.full((2,), gs - 1.0), w_dim) if w_dim else None
-    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2), w_emb)
-    from distill.diffusion import NoiseSchedule, sample_teacher
+    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
+    from distill.diffusion import NoiseSchedule
+    from distill.sampler import SamplerSpec
 
-    lat = sample_teacher(pipe.unet, noise, cond, None, NoiseSchedule.from_config(comps.scheduler_config), 4,
-                         solver="ddim", guidance_scale=1.0, spacing="trailing")
+    spec = SamplerSpec.from_info(info)
+    assert spec.kind == "ddim" and spec.guidance_scale == gs
+    lat = spec.sample(pipe.unet, noise, cond, NoiseSchedule.from_config(comps.scheduler_config), 4, seeds,
+                      w_dim=w_dim)
     torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)

@@ -2,6 +2,7 @@
 DDIM / Euler / DPM-Solver++ steps, classifier-free guidance in one batched forward, consistency scalings and
 samplers. Small pure torch functions; parity tests against diffusers' schedulers are their contract."""
 
+from distill.diffusion.denoiser import Denoiser
 from distill.diffusion.guidance import (Fp32Io, UNetCond, call_unet, guided_ddim_step, guided_prediction, unet_output,
                                        weight_dtype)
 from distill.diffusion.sampling import (
@@ -31,6 +32,7 @@ from distill.diffusion.solvers import (
 )
 
 __all__ = [
+    "Denoiser",
     "DPMSolverPP2M",
     "Fp32Io",
     "NoiseSchedule",

@@ -149,8 +149,8 @@ class _StepNoise:
 
     seeds (list[int]): generators seeded per sample and first advanced past one draw of the initial-noise
         shape, so the run equals diffusers' LCM pipeline called with
-        `generator=[torch.Generator().manual_seed(s) for s in seeds]` and `latents=seeded_noise(seeds, ...)`
-        (the pipeline draws the initial latents from those generators, then each step's noise).
+        `generator=[torch.Generator().manual_seed(s) for s in seeds]` and no `latents` (the pipeline draws its
+        initial latents, = seeded_noise(seeds, ...), from those generators, then each step's noise).
     list[torch.Generator]: used as given, as the pipeline uses them after drawing its latents.
     torch.Generator: one draw per step for the whole batch (diffusers' single-generator behaviour;
         sample i then depends on the batch size).

@@ -15,6 +15,7 @@ from distill.batch import Batch, sample_seed  # noqa: F401  (re-exported: method
 from distill.diffusion import UNetCond
 from distill.models.loader import Components
 from distill.optim import OptimizerSpec
+from distill.sampler import SamplerSpec
 
 if TYPE_CHECKING:
     from distill.callbacks import Callback
@@ -105,6 +106,11 @@ class Method:
         pass
 
     # -- evaluation and export ---------------------------------------------------------------------------
+    def sampler(self) -> SamplerSpec | None:
+        """How the trained model samples (distill.sampler): `sample`, the export's card and export.json, the
+        pipeline `load_export` builds and bench/quality.py all follow this one spec. None: no sampler."""
+        return None
+
     @torch.no_grad()
     def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
         """Latents sampled from the model being trained (for validation grids)."""

@@ -15,11 +15,12 @@ from diffusers import UNet2DConditionModel
 
 from distill.callbacks import EMAUpdate
 from distill.config import ConfigError
-from distill.diffusion import NoiseSchedule, add_noise, sample_teacher
+from distill.diffusion import NoiseSchedule, add_noise
 from distill.methods.base import Batch, Method
 from distill.models.adapters import EMA
 from distill.models.conditioning import drop_captions
 from distill.optim import OptimizerSpec
+from distill.sampler import SamplerSpec
 
 
 @dataclass
@@ -89,10 +90,14 @@ class Diffusion(Method):
     def load_state_dict(self, state):
         self.ema.load_state_dict(state)
 
+    def sampler(self) -> SamplerSpec:
+        """The grids' sampler: DDIM on trailing timesteps with CFG 5 (the bench's teacher rows)."""
+        return SamplerSpec("ddim", (50,), 5.0)
+
     @torch.no_grad()
     def sample(self, cond, noise, num_steps, seeds):
-        return sample_teacher(self.ema.model, noise, cond, cond.zeros_like(), self.schedule, num_steps,
-                              solver="ddim", guidance_scale=5.0, spacing="trailing")
+        return self.sampler().sample(self.ema.model, noise, cond, self.schedule, num_steps, seeds,
+                                     uncond=cond.zeros_like())
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         """A complete diffusers pipeline folder with the EMA UNet (the weights to evaluate and ship)."""

@@ -28,7 +28,8 @@ class UNetEncoder(nn.Module):
     """conv_in + time/added embeddings + down blocks + mid block of a diffusers UNet2DConditionModel, copied.
     `forward` mirrors UNet2DConditionModel.forward up to the mid block (no residuals are kept)."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, share: bool = False):
+        """share=True references the UNet's own modules instead of copying them (a frozen-teacher backbone)."""
         super().__init__()
         cfg = unet.config
         if cfg.addition_embed_type not in (None, "text_time") or unet.class_embedding is not None \
@@ -36,15 +37,16 @@ class UNetEncoder(nn.Module):
             raise ValueError("UNetEncoder supports SD 1.5 / SDXL UNets (addition_embed_type None or text_time, "
                              "no class embedding, no encoder_hid_proj)")
         self.addition_embed_type = cfg.addition_embed_type
-        self.conv_in = copy.deepcopy(unet.conv_in)
-        self.time_proj = copy.deepcopy(unet.time_proj)
-        self.time_embedding = copy.deepcopy(unet.time_embedding)
-        self.time_embed_act = copy.deepcopy(unet.time_embed_act)
+        own = (lambda m: m) if share else copy.deepcopy
+        self.conv_in = own(unet.conv_in)
+        self.time_proj = own(unet.time_proj)
+        self.time_embedding = own(unet.time_embedding)
+        self.time_embed_act = own(unet.time_embed_act)
         if self.addition_embed_type == "text_time":
-            self.add_time_proj = copy.deepcopy(unet.add_time_proj)
-            self.add_embedding = copy.deepcopy(unet.add_embedding)
-        self.down_blocks = copy.deepcopy(unet.down_blocks)
-        self.mid_block = copy.deepcopy(unet.mid_block)
+            self.add_time_proj = own(unet.add_time_proj)
+            self.add_embedding = own(unet.add_embedding)
+        self.down_blocks = own(unet.down_blocks)
+        self.mid_block = own(unet.mid_block)
         self.out_channels = int(cfg.block_out_channels[-1])
         self.downsample_factor = 2 ** sum(getattr(b, "downsamplers", None) is not None for b in self.down_blocks)
 

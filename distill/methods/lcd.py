@@ -19,9 +19,10 @@ from torch import Tensor
 from distill.callbacks import EMAUpdate
 from distill.config import ConfigError, LoraConfig
 from distill.optim import OptimizerSpec
+from distill.profiling import span
+from distill.sampler import SamplerSpec
 
-from distill.diffusion import (Fp32Io, NoiseSchedule, UNetCond, add_noise, call_unet, consistency_scalings, guided_ddim_step,
-                               lcm_skip_grid, sample_lcm, to_x0_eps, weight_dtype)
+from distill.diffusion import Denoiser, Fp32Io, NoiseSchedule, UNetCond, add_noise, lcm_skip_grid
 from distill.methods.base import Batch, Method
 from distill.models.adapters import EMA, adapters_disabled, add_lora, guidance_embedding, student_with_w_embedding
 from distill.models.loader import load_fp32_unet, stored_fp32_state
@@ -122,12 +123,16 @@ class LCD(Method):
         return replace(cond, timestep_cond=guidance_embedding(w, self.w_dim).to(cond.encoder_hidden_states))
 
     def _consistency(self, unet, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
-        """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t): the boundary-conditioned consistency function."""
+        """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t): the consistency function with its boundary at t = 0."""
         m = self.cfg.method
-        x0, _ = to_x0_eps(call_unet(unet, x, t, cond), x, t, self.schedule)
-        c_skip, c_out = consistency_scalings(t, m.timestep_scaling, m.sigma_data)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        return c_skip.to(x).view(shape) * x + c_out.to(x).view(shape) * x0
+        return Denoiser(unet, self.schedule).consistency(x, t, cond, 0, timestep_scaling=m.timestep_scaling,
+                                                         sigma_data=m.sigma_data)
+
+    def teacher_denoiser(self) -> Denoiser:
+        """The frozen teacher: the UNet with its adapters off (LoRA), else the frozen copy, in its own dtype."""
+        if self.lora:
+            return Denoiser(self.student, self.schedule, scope=lambda: adapters_disabled(self.student))
+        return Denoiser(self.teacher, self.schedule)
 
     def losses(self, batch: Batch, phase: str, step: int):
         m = self.cfg.method
@@ -141,24 +146,19 @@ class LCD(Method):
         w = self._w(batch, dev)
         student_cond = self._cond(cond, w)
         with torch.no_grad():
-            # Teacher: one DDIM step on LCM-form guidance, cond + uncond (all-zero text) in ONE 2B forward.
-            if self.lora:
-                with adapters_disabled(self.student):
-                    x_s, _, _ = guided_ddim_step(self.student, x_t, t, s, cond, cond.zeros_like(), w, self.schedule,
-                                                 net_dtype=weight_dtype(self.student))
-            else:
-                # only the UNet's inputs in the teacher's dtype: the DDIM step and w stay fp32 (a bf16 x_s moves
-                # about one ulp at t = 999, and the huber c is 1e-3)
-                dt = next(self.teacher.parameters()).dtype
-                x_s, _, _ = guided_ddim_step(self.teacher, x_t, t, s, cond, cond.zeros_like(), w, self.schedule,
-                                             net_dtype=dt)
-            x_s = x_s.float()
-            if self.lora:
-                target = self._consistency(self.student, x_s, s, student_cond)
-            else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
-                with self.autocast():
-                    target = self._consistency(self.ema.model, x_s, s, student_cond)
-        pred = self._consistency(self.modules["student"], x_t, t, student_cond)
+            # Teacher: one DDIM step on LCM-form guidance, cond + uncond (all-zero text) in ONE 2B forward; only
+            # the UNet's inputs in its dtype: the DDIM step and w stay fp32 (a bf16 x_s moves about one ulp at
+            # t = 999, and the huber c is 1e-3)
+            with span("teacher"):
+                x_s = self.teacher_denoiser().guided_jump(x_t, t, s, cond, cond.zeros_like(), w).float()
+            with span("target"):
+                if self.lora:
+                    target = self._consistency(self.student, x_s, s, student_cond)
+                else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
+                    with self.autocast():
+                        target = self._consistency(self.ema.model, x_s, s, student_cond)
+        with span("student"):
+            pred = self._consistency(self.modules["student"], x_t, t, student_cond)
         if m.loss == "huber":
             loss = pseudo_huber(pred.float(), target.float(), m.huber_c)
         else:
@@ -177,29 +177,30 @@ class LCD(Method):
         m = self.cfg.method
         return float(m.inference_w) if m.inference_w is not None else min(max(7.5, m.w_min), m.w_max)
 
+    def sampler(self) -> SamplerSpec:
+        """LCMScheduler (or TCD at method.inference_gamma) on the skip grid trained on; guidance_scale w + 1 goes
+        into a full student's w-embedding (a LoRA student's w is fixed in training: 1)."""
+        gamma = self.cfg.method.inference_gamma
+        n_grid = len(self.grid)
+        return SamplerSpec("lcm" if gamma is None else "tcd", tuple(n for n in (1, 2, 4, 8) if n <= n_grid),
+                           1.0 if self.lora else self.inference_w() + 1.0,
+                           eta=None if gamma is None else float(gamma), original_inference_steps=n_grid)
+
     @torch.no_grad()
     def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
-        w = torch.full((noise.shape[0],), self.inference_w(), device=noise.device)
         was_training = self.student.training
         self.student.eval()
         try:
-            return sample_lcm(Fp32Io(self.student), noise, self._cond(cond, w), self.schedule, num_steps, seeds,
-                              original_inference_steps=len(self.grid), gamma=self.cfg.method.inference_gamma)
+            return self.sampler().sample(Fp32Io(self.student), noise, cond, self.schedule, num_steps, seeds,
+                                         w_dim=self.w_dim)
         finally:
             self.student.train(was_training)
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from distill.export import export_student
 
-        n_grid = len(self.grid)  # the skip grid it was trained on: LCMScheduler(original_inference_steps=N) samples it
-        gamma = self.cfg.method.inference_gamma
         info = {"method": "lcd" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "scheduler": "LCMScheduler" if gamma is None else "TCDScheduler",
-                "steps": [n for n in (1, 2, 4, 8) if n <= n_grid],
-                "guidance_scale": 1.0 if self.lora else self.inference_w() + 1.0, "arch": self.comps.arch,
-                "original_inference_steps": n_grid}
-        if gamma is not None:
-            info["eta"] = float(gamma)  # TCDScheduler's gamma, an argument of the pipeline call
-        export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info,
+                "arch": self.comps.arch}
+        export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
                        base_path=self.comps.path,
                        lora_base=stored_fp32_state(self.student, self.comps) if self.lora else None)

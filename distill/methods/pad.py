@@ -45,13 +45,14 @@ from distill.diffusion import (
     guided_prediction,
     inference_timesteps,
     move,
-    sample_lightning,
     to_x0_eps,
     weight_dtype,
 )
 from distill.config import ConfigError, LoraConfig
 from distill.methods.base import Batch, Method
 from distill.optim import OptimizerSpec
+from distill.profiling import span
+from distill.sampler import SamplerSpec
 from distill.stages import Stage, stage_folder
 from distill.methods.discriminator import Discriminator
 from distill.methods.gan import d_loss, frozen, g_loss
@@ -261,6 +262,10 @@ class PAD(Method):
     @torch.no_grad()
     def teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
         """n teacher moves from grid index j (per sample); a sample that reaches the clean end stops there."""
+        with span("teacher"):
+            return self._teacher_path(x_t, j, cond)
+
+    def _teacher_path(self, x_t: Tensor, j: Tensor, cond: UNetCond) -> Tensor:
         last = len(self.grid) - 1
         x = x_t
         for k in range(self.n):
@@ -275,8 +280,9 @@ class PAD(Method):
         return x
 
     def _student_move(self, unet: nn.Module, x_t: Tensor, t: Tensor, t_next: Tensor, cond: UNetCond) -> Tensor:
-        out = call_unet(unet, x_t, t, cond)
-        return move(x_t, out, t, t_next, self.schedule, self.student_pred)
+        with span("student"):
+            out = call_unet(unet, x_t, t, cond)
+            return move(x_t, out, t, t_next, self.schedule, self.student_pred)
 
     def _draw(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(x_t, t, t_next, j): start index on the teacher grid, the student's target point n moves on."""
@@ -307,9 +313,10 @@ class PAD(Method):
             fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
             return {"loss": F.mse_loss(fake, real)}
         if self.stage.objective == "x0":
-            with torch.no_grad():
+            with torch.no_grad(), span("teacher"):
                 target, _ = to_x0_eps(self._teacher_output(x_t, t, cond), x_t, t, self.schedule, self.teacher_pred)
-            pred = call_unet(self.modules["student"], x_t, t, cond)
+            with span("student"):
+                pred = call_unet(self.modules["student"], x_t, t, cond)
             return {"loss": F.mse_loss(pred, target)}
         cond_d = (x_t, t) if self.stage.discriminator == "conditional" else (None, None)
         if phase == "d":
@@ -317,12 +324,14 @@ class PAD(Method):
                 real = self.teacher_path(x_t, j, cond)
                 fake = self._student_move(self.student_raw, x_t, t, t_next, cond)
             (real, fake), s = self._for_d(batch, [real, fake], t_next)
-            logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
+            with span("d"):
+                logits = self.modules["discriminator"](torch.cat([real, fake]), torch.cat([s, s]), cond, *cond_d)
             l_real, l_fake = logits.chunk(2)
             return {"loss": d_loss(l_real, l_fake), "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
         fake = self._student_move(self.modules["student"], x_t, t, t_next, cond)
         (fake,), s = self._for_d(batch, [fake], t_next)
-        l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
+        with span("d"):
+            l_fake = self.d_raw(fake, s, cond, *cond_d)  # D frozen by phase_scope("g") through backward
         return {"loss": g_loss(l_fake)}
 
     def phase_scope(self, phase: str):
@@ -361,13 +370,18 @@ class PAD(Method):
         return out
 
     # -- sampling, export ----------------------------------------------------------------------------------
+    def sampler(self) -> SamplerSpec:
+        """Euler on trailing timesteps at the stage's step count, no CFG at inference (paper Table 1); an x0
+        student (the 1-step stage) predicts `sample`."""
+        return SamplerSpec("euler", (self.stage.student_steps,), 1.0, prediction_type=self.student_pred)
+
     @torch.no_grad()
     def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
         unet = self.student_raw
         was_training = unet.training
         unet.eval()
         try:  # the Euler state in fp32 around the student's weight dtype
-            return sample_lightning(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, self.student_pred)
+            return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
         finally:
             unet.train(was_training)
 
@@ -375,13 +389,9 @@ class PAD(Method):
         from distill.export import export_student
 
         st, own = self.stage, self.info
-        sample = self.student_pred == "sample"
         info = {"method": "pad" + ("-lora" if st.lora else ""), "teacher": self.cfg.model.pretrained,
                 "stage": st.name, "stage_teacher": own["teacher"] or self.cfg.model.pretrained,
-                "lora_base": own["student_init"] or self.cfg.model.pretrained,
-                "scheduler": "EulerDiscreteScheduler-trailing" + ("-sample" if sample else ""),
-                "steps": [st.student_steps], "guidance_scale": 1.0,  # no CFG at inference (paper Table 1)
-                "arch": self.comps.arch, "prediction_type": self.student_pred}
+                "lora_base": own["student_init"] or self.cfg.model.pretrained, "arch": self.comps.arch}
         lora_base = stored_fp32_state(self.student_raw, self.comps, own["student_init"]) if st.lora else None
         export_student(self.student_raw, Path(out_dir), lora=st.lora, dtype=dtype, info=info,
-                       base_path=self.comps.path, lora_base=lora_base)
+                       sampler=self.sampler(), base_path=self.comps.path, lora_base=lora_base)

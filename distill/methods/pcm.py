@@ -32,12 +32,12 @@ import torch
 from torch import Tensor
 
 from distill.config import ConfigError, LoraConfig
-from distill.diffusion import (Fp32Io, UNetCond, add_noise, call_unet, consistency_scalings, ddim_step, guided_ddim_step,
-                               inference_timesteps, sample_teacher, to_x0_eps, weight_dtype)
+from distill.diffusion import Denoiser, UNetCond, add_noise, inference_timesteps
 from distill.methods.base import Batch
 from distill.methods.lcd import LCD, pseudo_huber
-from distill.models.adapters import adapters_disabled
 from distill.models.loader import stored_fp32_state
+from distill.profiling import span
+from distill.sampler import SamplerSpec
 
 
 @dataclass
@@ -107,27 +107,12 @@ class PCM(LCD):
     # -- the objective -----------------------------------------------------------------------------------------
     def _jump(self, unet, x: Tensor, t: Tensor, to: Tensor, cond: UNetCond) -> Tensor:
         """The network's prediction at (x, t) moved by DDIM to `to` (to = 0: the clean end, x0 itself), with the
-        boundary parametrisation of `method.boundary`."""
+        boundary parametrisation of `method.boundary` (lcm: the contract's phased consistency function)."""
         m = self.cfg.method
-        x0, eps = to_x0_eps(call_unet(unet, x, t, cond), x, t, self.schedule)
-        landing = ddim_step(x0, eps, torch.where(to == 0, -1, to), self.schedule)  # t < 0: abar = 1, exactly x0
-        if m.boundary == "ddim":
-            return landing
-        c_skip, c_out = consistency_scalings(t - to, m.timestep_scaling, m.sigma_data)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        return c_skip.to(x).view(shape) * x + c_out.to(x).view(shape) * landing
-
-    def _teacher_step(self, x_t: Tensor, t: Tensor, s: Tensor, cond: UNetCond, w: Tensor) -> Tensor:
-        """LCD's teacher: one guided DDIM step t -> s, fp32 solver arithmetic around the teacher's dtype."""
-        if self.lora:
-            with adapters_disabled(self.student):
-                x_s, _, _ = guided_ddim_step(self.student, x_t, t, s, cond, cond.zeros_like(), w, self.schedule,
-                                             net_dtype=weight_dtype(self.student))
-        else:
-            dt = next(self.teacher.parameters()).dtype
-            x_s, _, _ = guided_ddim_step(self.teacher, x_t, t, s, cond, cond.zeros_like(), w, self.schedule,
-                                         net_dtype=dt)
-        return x_s.float()
+        net = Denoiser(unet, self.schedule)
+        if m.boundary == "lcm":
+            return net.consistency(x, t, cond, to, timestep_scaling=m.timestep_scaling, sigma_data=m.sigma_data)
+        return net.jump(x, t, torch.where(to <= 0, -1, to), cond)  # t < 0: abar = 1, exactly x0
 
     def targets_of(self, batch: Batch, idx: Tensor, s: Tensor) -> Tensor:
         """Where both branches jump: the lower edge of n's segment, or (target=tcd) a shared random timestep in
@@ -153,15 +138,18 @@ class PCM(LCD):
         student_cond = self._cond(cond, w)
         to = self.targets_of(batch, idx, s)
         with torch.no_grad():
-            x_s = self._teacher_step(x_t, t, s, cond, w)
-            if self.lora:
-                target = self._jump(self.student, x_s, s, to, student_cond)
-            else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
-                with self.autocast():
-                    target = self._jump(self.ema.model, x_s, s, to, student_cond)
+            with span("teacher"):  # LCD's teacher step: cond + uncond in one 2B forward, fp32 solver arithmetic
+                x_s = self.teacher_denoiser().guided_jump(x_t, t, s, cond, cond.zeros_like(), w).float()
+            with span("target"):
+                if self.lora:
+                    target = self._jump(self.student, x_s, s, to, student_cond)
+                else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
+                    with self.autocast():
+                        target = self._jump(self.ema.model, x_s, s, to, student_cond)
             at_edge = (s == to).view((-1,) + (1,) * (x_s.ndim - 1))
             target = torch.where(at_edge, x_s.to(target.dtype), target)  # the boundary condition: x_{t_{n-1}} itself
-        pred = self._jump(self.modules["student"], x_t, t, to, student_cond)
+        with span("student"):
+            pred = self._jump(self.modules["student"], x_t, t, to, student_cond)
         if m.loss == "huber":
             loss = pseudo_huber(pred.float(), target.float(), m.huber_c)
         else:
@@ -174,18 +162,12 @@ class PCM(LCD):
         m = self.cfg.method
         return segment_edges(self.schedule.num_train_timesteps, m.num_segments)[1:].flip(0)
 
-    @torch.no_grad()
-    def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
-        """Deterministic DDIM on trailing timesteps from T - 1, no CFG (it is distilled in), as
-        DDIMScheduler(timestep_spacing="trailing") samples; at num_steps = K it visits exactly the segment edges."""
-        w = torch.full((noise.shape[0],), self.inference_w(), device=noise.device)
-        was_training = self.student.training
-        self.student.eval()
-        try:
-            return sample_teacher(Fp32Io(self.student), noise, self._cond(cond, w), None, self.schedule, num_steps,
-                                  solver="ddim", guidance_scale=1.0, spacing="trailing")
-        finally:
-            self.student.train(was_training)
+    def sampler(self) -> SamplerSpec:
+        """DDIMScheduler on trailing timesteps from T - 1, deterministic, no CFG (it is distilled in; a full
+        student's w-embedding gets guidance_scale - 1); at K steps it visits exactly the segment edges."""
+        m = self.cfg.method
+        steps = sorted({n for n in (1, 2, 4, 8) if n <= m.num_ddim_timesteps} | {m.num_segments})
+        return SamplerSpec("ddim", tuple(steps), 1.0 if self.lora else self.inference_w() + 1.0)
 
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from distill.export import export_student
@@ -194,10 +176,7 @@ class PCM(LCD):
         assert torch.equal(self.upper_edges(), inference_timesteps(m.num_segments, "trailing",
                                                                    self.schedule.num_train_timesteps))
         info = {"method": "pcm" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "scheduler": "DDIMScheduler-trailing",
-                "steps": sorted({n for n in (1, 2, 4, 8) if n <= m.num_ddim_timesteps} | {m.num_segments}),
-                "num_segments": m.num_segments, "num_ddim_timesteps": m.num_ddim_timesteps,
-                "guidance_scale": 1.0 if self.lora else self.inference_w() + 1.0, "arch": self.comps.arch}
-        export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info,
+                "num_segments": m.num_segments, "num_ddim_timesteps": m.num_ddim_timesteps, "arch": self.comps.arch}
+        export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
                        base_path=self.comps.path,
                        lora_base=stored_fp32_state(self.student, self.comps) if self.lora else None)
