@@ -7,10 +7,8 @@ Each method is built as `bench/throughput.py` builds it (the experiment's config
 base model) but as a full `Trainer`, data loader included, on image shards (`--shards`; default the tiny world's)
 or latent shards (`--set data=wds_latents --shards ...`). After `--warmup` uncounted steps, `--steps` iterations of
 the trainer's own loop body (`to_batch(next(loader))`, `train_step`) run under torch.profiler (CPU). The passes are
-labelled with record_function by wrapping the objects the trainer calls (no source is edited): loader wait, VAE
-encode, text encode, the teacher's guided DDIM step with adapters disabled (LCD), the target and student
-consistency passes (told apart by grad mode), backward, clipping, optimizer step, EMA / after_step; for PAD the
-teacher path, the student's moves and the discriminator. Host syncs (`aten::item` / `_local_scalar_dense`) and
+the spans inside the methods and the loop (distill.profiling: teacher, target, student, d, backward, clip,
+optimizer, callbacks), plus the loader wait and the VAE / text encoders, labelled here by wrapping them. Host syncs (`aten::item` / `_local_scalar_dense`) and
 casts (`aten::to` / `_to_copy`) are counted over the whole step. The same method's passes timed alone
 (bench/throughput.py, synthetic batch, no loader) are put beside the profile. Writes FILE.json and FILE.md.
 """
@@ -52,36 +50,18 @@ def _wrap(label: str | Callable, fn):
 
 
 
-def label_passes(tr) -> list[str]:
-    """Wrap what the trainer calls in record_function; returns the labels used."""
-    import distill.models as models_mod  # distill.batch.to_batch calls the encoders through it
-    from distill.callbacks import EMAUpdate
-    from distill.methods import lcd
+# the passes of the step: the distill.profiling spans inside the methods and the loop (record_function ranges)
+SPANS = ("teacher", "target", "student", "d", "backward", "clip", "optimizer", "callbacks")
 
-    m, acc = tr.method, tr.acc
-    labels = ["loader_next", "to_batch", "vae_encode", "text_encode", "backward", "clip_grad_norm",
-              "optimizer_step", "after_step(ema)"]
+
+def label_passes(tr) -> list[str]:
+    """Label the data side, which the spans do not cover (the encoders `distill.batch.to_batch` calls through
+    distill.models); returns every label of the profile: those, then the spans (`distill/NAME`)."""
+    import distill.models as models_mod
+
     models_mod.encode_images = _wrap("vae_encode", models_mod.encode_images)
     models_mod.encode_prompts = _wrap("text_encode", models_mod.encode_prompts)
-    acc.backward = _wrap("backward", acc.backward)
-    acc.clip_grad_norm_ = _wrap("clip_grad_norm", acc.clip_grad_norm_)
-    for opt in tr.optimizers:
-        opt.step = _wrap("optimizer_step", opt.step)
-    for cb in tr.callbacks:  # the EMA is a callback of the loop now
-        if isinstance(cb, EMAUpdate):
-            cb.on_train_step_end = _wrap("after_step(ema)", cb.on_train_step_end)
-    if tr.cfg.method.name == "lcd":
-        lcd.guided_ddim_step = _wrap("teacher_fwd_2B", lcd.guided_ddim_step)
-        m._consistency = _wrap(lambda: "student_fwd" if torch.is_grad_enabled() else "target_fwd", m._consistency)
-        labels += ["teacher_fwd_2B", "target_fwd", "student_fwd"]
-    else:
-        m.teacher_path = _wrap("teacher_path", m.teacher_path)
-        m._student_move = _wrap(lambda: "student_move_grad" if torch.is_grad_enabled() else "student_move_nograd",
-                                m._student_move)
-        for d in {id(x): x for x in (m.modules["discriminator"], m.d_raw)}.values():
-            d.forward = _wrap("discriminator_fwd", d.forward)
-        labels += ["teacher_path", "student_move_nograd", "student_move_grad", "discriminator_fwd"]
-    return labels
+    return ["loader_next", "to_batch", "vae_encode", "text_encode", *(f"distill/{k}" for k in SPANS)]
 
 
 def build_trainer(name: str, batch: int, overrides: list[str], run_dir: Path):
