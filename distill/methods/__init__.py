@@ -11,6 +11,7 @@ _REGISTRY = {
     "diffusion": "distill.methods.diffusion:Diffusion",
     "vae": "distill.methods.vae:VAETraining",
     "pad": "distill.methods.pad:PAD",
+    "pcm": "distill.methods.pcm:PCM",
 }
 
 
