@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.diffusion import UNetCond, call_unet
-from distill.methods.discriminator import UNetEncoder, make_head, norm_groups  # noqa: F401  (re-exported)
+from distill.methods.discriminator import UNetEncoder, head_blocks, make_head, norm_groups  # noqa: F401  (re-exported)
 
 
 class FeatureTaps:
@@ -90,7 +90,7 @@ class TapDiscriminator(nn.Module):
             if mode == "frozen":
                 backbone.requires_grad_(False)
         self.taps = FeatureTaps(backbone, taps)
-        self.heads = nn.ModuleList(make_head(c, head_channels, _blocks(s), s) for c, s in zip(channels, sizes))
+        self.heads = nn.ModuleList(make_head(c, head_channels, head_blocks(s), s) for c, s in zip(channels, sizes))
         self.heads.float().requires_grad_(True)
 
     @property
@@ -111,14 +111,6 @@ class TapDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
         return self.forward_with_output(x, t, cond)[0]
-
-
-def _blocks(size: int) -> int:
-    n = 0
-    while size > 1:
-        size //= 2
-        n += 1
-    return n
 
 
 def frozen_encoder_discriminator(unet: nn.Module, latent_size: int, head_channels: int) -> TapDiscriminator:

@@ -53,19 +53,26 @@ class LCDConfig:
     ema_half_life_images: Optional[float] = None  # the EMA target's half-life in images (edm): batch-size free
 
 
+def check_guidance_and_loss(m) -> None:
+    """The checks every consistency method with LCD's w range, loss and EMA shares (LCD, PCM)."""
+    if m.w_min > m.w_max:
+        raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
+    if m.loss not in ("huber", "l2"):
+        raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
+    if m.inference_w is not None and not m.lora.enabled and not m.w_min <= m.inference_w <= m.w_max:
+        raise ConfigError(f"method.inference_w={m.inference_w} is outside the trained range "
+                          f"[method.w_min, method.w_max] = [{m.w_min}, {m.w_max}]")
+    if m.ema_half_life_images is not None and m.ema_half_life_images <= 0:
+        raise ConfigError(f"method.ema_half_life_images={m.ema_half_life_images} must be > 0")
+
+
 class LCD(Method):
     Config = LCDConfig
 
     @classmethod
     def check(cls, cfg) -> None:
         m = cfg.method
-        if m.w_min > m.w_max:
-            raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
-        if m.loss not in ("huber", "l2"):
-            raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
-        if m.inference_w is not None and not m.lora.enabled and not m.w_min <= m.inference_w <= m.w_max:
-            raise ConfigError(f"method.inference_w={m.inference_w} is outside the trained range "
-                              f"[method.w_min, method.w_max] = [{m.w_min}, {m.w_max}]")
+        check_guidance_and_loss(m)
         if m.inference_gamma is not None and not 0.0 <= m.inference_gamma <= 1.0:
             raise ConfigError(f"method.inference_gamma={m.inference_gamma}: expected null (LCMScheduler) or a value "
                               "in [0, 1] (TCDScheduler's eta)")
@@ -76,8 +83,6 @@ class LCD(Method):
         if m.num_ddim_timesteps < 1 or 1000 % m.num_ddim_timesteps:
             raise ConfigError(f"method.num_ddim_timesteps={m.num_ddim_timesteps} must divide 1000 (the skip grid "
                               "t_i = (i + 1) * 1000 / N - 1 that LCMScheduler's original_inference_steps samples)")
-        if m.ema_half_life_images is not None and m.ema_half_life_images <= 0:
-            raise ConfigError(f"method.ema_half_life_images={m.ema_half_life_images} must be > 0")
 
     def __init__(self, cfg, comps, device, stage=None):
         super().__init__(cfg, comps, device, stage)

@@ -34,7 +34,7 @@ from torch import Tensor
 from distill.config import ConfigError, LoraConfig
 from distill.diffusion import Denoiser, UNetCond, add_noise, inference_timesteps
 from distill.methods.base import Batch
-from distill.methods.lcd import LCD, pseudo_huber
+from distill.methods.lcd import LCD, check_guidance_and_loss, pseudo_huber
 from distill.models.loader import stored_fp32_state
 from distill.profiling import span
 from distill.sampler import SamplerSpec
@@ -83,17 +83,11 @@ class PCM(LCD):
     @classmethod
     def check(cls, cfg) -> None:
         m = cfg.method
-        if m.w_min > m.w_max:
-            raise ConfigError(f"method.w_min={m.w_min} > method.w_max={m.w_max}")
-        if m.loss not in ("huber", "l2"):
-            raise ConfigError(f"method.loss={m.loss!r}: expected huber | l2")
+        check_guidance_and_loss(m)
         if m.boundary not in ("ddim", "lcm"):
             raise ConfigError(f"method.boundary={m.boundary!r}: expected ddim (PCM) | lcm (LCD's c_skip / c_out)")
         if m.target not in ("edge", "tcd"):
             raise ConfigError(f"method.target={m.target!r}: expected edge (PCM) | tcd (a random s in the segment)")
-        if m.inference_w is not None and not m.lora.enabled and not m.w_min <= m.inference_w <= m.w_max:
-            raise ConfigError(f"method.inference_w={m.inference_w} is outside the trained range "
-                              f"[method.w_min, method.w_max] = [{m.w_min}, {m.w_max}]")
         if m.num_ddim_timesteps < 1 or 1000 % m.num_ddim_timesteps:
             raise ConfigError(f"method.num_ddim_timesteps={m.num_ddim_timesteps} must divide 1000 (the skip grid "
                               "t_n = (n + 1) * 1000 / N - 1)")
@@ -101,8 +95,6 @@ class PCM(LCD):
             raise ConfigError(f"method.num_segments={m.num_segments} must divide method.num_ddim_timesteps="
                               f"{m.num_ddim_timesteps}: the segment edges j * 1000 / K - 1 (the K-step trailing DDIM "
                               "timesteps the student samples) must be points of the skip grid")
-        if m.ema_half_life_images is not None and m.ema_half_life_images <= 0:
-            raise ConfigError(f"method.ema_half_life_images={m.ema_half_life_images} must be > 0")
 
     # -- the objective -----------------------------------------------------------------------------------------
     def _jump(self, unet, x: Tensor, t: Tensor, to: Tensor, cond: UNetCond) -> Tensor:
