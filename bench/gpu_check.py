@@ -41,7 +41,7 @@ from throughput import machine, matmul_peak_flops, sdxl_components, synthetic_ba
 from distill.diffusion import NoiseSchedule, add_noise, guided_ddim_step, lcm_skip_grid
 from distill.models import load_components
 
-ORDER = ["lcd_lora", "pad_adversarial_lora", "lcd_full"]  # the heaviest last: a timeout costs the least
+ORDER = ["lcd_lora", "pad_adversarial_lora", "lcd_full", "dmd2_lora", "dmd2_full"]  # the heaviest last: a timeout costs the least
 
 
 class Interrupted(BaseException):

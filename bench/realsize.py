@@ -12,7 +12,6 @@ Imported as a sibling module (the bench scripts run as `python bench/NAME.py`).
 from __future__ import annotations
 
 import gc
-import json
 import math
 import tempfile
 import time
@@ -31,6 +30,7 @@ from throughput import (
 from torch import nn
 
 from distill.export_formats import lora_kohya_state_dict, lora_layers
+from distill.methods.discriminator import latent_side
 from distill.models import load_components
 from distill.runner import make_accelerator
 from distill.trainer import frozen_dtype
@@ -41,6 +41,8 @@ EXPERIMENTS: dict[str, tuple[str, int]] = {
     "lcd_lora": ("lcm_lora_sdxl", 0),
     "lcd_full": ("lcm_sdxl", 0),
     "pad_adversarial_lora": ("lightning_lora_sdxl", 1),
+    "dmd2_lora": ("dmd2_lora_sdxl", 0),
+    "dmd2_full": ("dmd2_sdxl", 0),
 }
 TINY_MODEL = "distill:random-sdxl"
 
@@ -48,14 +50,6 @@ TINY_MODEL = "distill:random-sdxl"
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def latent_side(comps, resolution: int) -> int:
-    """Latent side at `resolution`, as the methods derive it (PAD._latent_size): a folder without vae/config.json
-    is SDXL's 4-level VAE (/8)."""
-    vae_cfg = Path(comps.path) / "vae" / "config.json"
-    levels = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.exists() else 4
-    return resolution // 2 ** (levels - 1)
 
 
 def stage_config(name: str, batch: int | None, resolution: int | None, overrides: list[str] = (), tiny: bool = False):
@@ -113,7 +107,7 @@ def memory_accounting(tr) -> dict:
     state (Adam's two moments, measured from optimizer.state) and the EMA copy."""
     m = tr.method
     mods = [x for x in (getattr(m, "student_raw", None), m.student, getattr(m, "teacher", None),
-                        getattr(m, "discriminator", None)) if isinstance(x, nn.Module)]
+                        getattr(m, "discriminator", None), *m.modules.values()) if isinstance(x, nn.Module)]
     trained = {id(p) for p in tr.trained_params()}
     params = _unique_params(mods)
     frozen = sum(p.numel() * p.element_size() for p in params if id(p) not in trained)

@@ -269,6 +269,31 @@ def test_deepspeed_pad_student_and_discriminator_train_like_ddp_resume_and_expor
     assert info["method"] == ("pad-lora" if zero == 2 else "pad") and info["steps"] == [2]
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_dmd2_three_unets_train_like_ddp_resume_and_export(eq_shards, tmp_path):
+    """DMD2 under ZeRO-3 with all three UNets: the full generator and the fake score (with its GAN head) are two
+    engines, each partitioned, each run through its raw module in the other's phase (no-grad generator samples;
+    the frozen fake score in the generator step); the teacher stays whole. The generator steps at outer steps 0 and
+    2 (every 2nd), the fake score at every step; a resume at step 2 and the export, against DDP. Tolerances as
+    PAD's ZeRO-3 test (eps 1e-3)."""
+    pytest.importorskip("deepspeed")
+    base = ["+experiment=dmd2_tiny", "+debug=fast", "trainer.validation_prompts=[]", "trainer.export_at_end=false",
+            "data.shuffle_buffer=0", "data.num_workers=0", "optim.scheduler=constant", "optim.eps=1e-3",
+            "method.head_channels=8", "method.generator_every_n_steps=2", f"data.shards='{eq_shards}'",
+            "data.batch_size=2", "trainer.validation_steps=[4]"]
+    z, ddp = deepspeed_resumed_and_ddp(tmp_path, base, 3)
+    for name in ("model.safetensors", "model_1.safetensors"):  # generator, fake score + head
+        w1, w3 = (load_file(str(z / f"checkpoints/step_{s}" / name)) for s in (1, 3))
+        ref = load_file(str(ddp / "checkpoints/step_3" / name))
+        assert w3.keys() == ref.keys() and all(v.numel() > 0 and torch.isfinite(v).all() for v in w3.values())
+        assert max((w3[k].float() - w1[k].float()).abs().max() for k in w3) > 0, f"{name} did not train"
+        diff = max_diff({k: v.float() for k, v in w3.items()}, {k: v.float() for k, v in ref.items()})
+        assert diff < 1e-5, f"ZeRO-3 (resumed) vs DDP {name} after 3 steps: {diff:.3g}"
+    assert (z / "samples/step_000003.png").exists()
+    info = json.loads((z / "export/export.json").read_text())
+    assert info["method"] == "dmd2" and info["sampler"]["timesteps"] == {"4": [999, 749, 499, 249]}
+
+
 def _probe(argv: list[str]) -> None:
     """`accelerate launch tests/test_distributed.py KEY=VALUE ...`: a training run that records, per rank, which
     samples (shard url + key) the trainer received at each step. Not a test; the tests above launch it."""

@@ -12,6 +12,7 @@ _REGISTRY = {
     "vae": "distill.methods.vae:VAETraining",
     "pad": "distill.methods.pad:PAD",
     "pcm": "distill.methods.pcm:PCM",
+    "dmd2": "distill.methods.dmd2:DMD2",
 }
 
 

@@ -80,6 +80,17 @@ class UNetEncoder(nn.Module):
         return self.mid_block(h, emb)
 
 
+def latent_side(comps, resolution: int) -> int:
+    """Side of the training latents: the pixel resolution over the VAE's downsampling (2^(levels - 1); 8 when the
+    model folder has no VAE config)."""
+    import json
+    from pathlib import Path
+
+    vae_cfg = Path(comps.path) / "vae" / "config.json"
+    levels = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.exists() else 4
+    return resolution // 2 ** (levels - 1)
+
+
 def head_blocks(mid_size: int) -> int:
     """Number of 4x4 stride-2 (padding 1) convs that take a mid feature of side `mid_size` to 1x1."""
     n = 0

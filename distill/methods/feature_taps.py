@@ -3,7 +3,9 @@
   copy    a trainable copy of the teacher's encoder (SDXL-Lightning; distill.methods.discriminator.Discriminator
           is this case with one mid-block head and the conditional form)
   frozen  the frozen teacher's encoder with small trainable heads at several levels (PCM's discriminator)
-  shared  the features of a network being trained, read during its own forward (DMD2's head on its fake score)
+  shared  the features of a network trained elsewhere, read during its own forward
+A `copy` backbone that is a whole UNet is DMD2's fake score: the UNet trains on its own output (the denoising loss)
+and the head on its mid-block features, in one forward (`forward(..., with_output=True)`).
 
 `FeatureTaps` records the outputs of named submodules with forward hooks, only while armed (inside `with taps:`).
 Gradient checkpointing recomputes a block's forward during backward, outside the `with`: the hook sees the
@@ -109,8 +111,12 @@ class TapDiscriminator(nn.Module):
         per_level = [h(f.to(dt)).float().mean(dim=(1, 2, 3)) for h, f in zip(self.heads, feats)]
         return torch.stack(per_level).mean(0)
 
-    def forward(self, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
-        return self.forward_with_output(x, t, cond)[0]
+    def forward(self, x: Tensor, t: Tensor, cond: UNetCond, with_output: bool = False):
+        """Logits (B,), or (logits, the backbone's output) with `with_output`: one forward through a DDP or
+        DeepSpeed wrapper that trains the backbone on its output and the heads on its features (DMD2's fake
+        score)."""
+        logits, out = self.forward_with_output(x, t, cond)
+        return (logits, out) if with_output else logits
 
 
 def frozen_encoder_discriminator(unet: nn.Module, latent_size: int, head_channels: int) -> TapDiscriminator:

@@ -25,7 +25,6 @@ its raw module with D's parameters frozen for the whole phase (forward, backward
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,7 @@ from distill.optim import OptimizerSpec
 from distill.profiling import span
 from distill.sampler import SamplerSpec
 from distill.stages import Stage, stage_folder
-from distill.methods.discriminator import Discriminator
+from distill.methods.discriminator import Discriminator, latent_side
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.models.adapters import adapters_disabled, add_lora
 from distill.models.loader import load_fp32_unet, stored_fp32_state
@@ -183,7 +182,7 @@ class PAD(Method):
             src = base if m.discriminator_init == "base" else self.teacher
             if src is base and weight_dtype(base) != torch.float32:
                 src = load_fp32_unet(comps)  # D trains in fp32 from the stored weights, not the rounded frozen copy
-            self.discriminator = Discriminator(src, self._latent_size(cfg), m.d_head_channels,
+            self.discriminator = Discriminator(src, latent_side(comps, cfg.data.resolution), m.d_head_channels,
                                                st.discriminator == "conditional").to(device)
         self.shared = st.lora and info["lora_init"] is None and info["student_init"] == info["teacher"]  # adapters off
         if st.lora:
@@ -224,11 +223,6 @@ class PAD(Method):
         weights = torch.tensor(list(st.renoise_weights) or [1.0] * len(st.renoise_timesteps), dtype=torch.float64)
         self.renoise_t = torch.tensor(list(st.renoise_timesteps), dtype=torch.long, device=device)
         self.renoise_cdf = (weights.cumsum(0) / weights.sum()).float().to(device) if len(weights) else None
-
-    def _latent_size(self, cfg: DictConfig) -> int:
-        vae_cfg = Path(self.comps.path) / "vae" / "config.json"
-        levels = len(json.loads(vae_cfg.read_text())["block_out_channels"]) if vae_cfg.exists() else 4
-        return cfg.data.resolution // 2 ** (levels - 1)
 
     @staticmethod
     def student_settings(cfg: DictConfig, st) -> dict:

@@ -1,0 +1,232 @@
+"""DMD2 (distribution matching distillation) on the method contract: the distribution-matching gradient on a
+Gaussian toy with closed-form scores, the two time scales across a resume, gradient isolation of the three
+networks, backward simulation, and the export in the diffusers pipeline."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import compose_cfg, train, weights
+from distill.config import ConfigError, validate
+
+FAST = ["+debug=fast", "trainer.export_at_end=false", "trainer.validation_prompts=[]", "data.batch_size=4",
+        "method.head_channels=8"]
+
+
+def _batch(comps, b: int = 4, seed: int = 0, side: int = 8):
+    from distill.diffusion import UNetCond
+    from distill.methods.base import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    d = comps.unet.config.cross_attention_dim
+    pooled = comps.unet.config.projection_class_embeddings_input_dim - 6 * comps.unet.config.addition_time_embed_dim
+    return Batch(latents=torch.randn(b, 4, side, side, generator=g), captions=["x"] * b, seeds=list(range(b)),
+                 cond=UNetCond(torch.randn(b, 77, d, generator=g), torch.randn(b, pooled, generator=g),
+                               torch.zeros(b, 6)))
+
+
+def _method(*overrides: str):
+    from distill.methods import build_method
+    from distill.models import load_components
+
+    cfg = validate(compose_cfg(["+experiment=dmd2_tiny", *FAST, *overrides]))
+    comps = load_components(cfg.model.pretrained, parts=("unet",))
+    torch.manual_seed(0)
+    return cfg, comps, build_method(cfg, comps, torch.device("cpu"))
+
+
+def _side(m) -> int:
+    from distill.methods.discriminator import latent_side
+
+    return latent_side(m.comps, m.cfg.data.resolution)
+
+
+# -- the distribution-matching gradient on a Gaussian toy ------------------------------------------------------
+def _posterior_mean(mu: torch.Tensor, s: float, x_t: torch.Tensor, a: torch.Tensor, sig: torch.Tensor):
+    """E[x0 | x_t] for x0 ~ N(mu, s^2 I), x_t = a x0 + sig eps: the exact denoiser of that distribution."""
+    return mu + (a * s * s / (a * a * s * s + sig * sig)) * (x_t - a * mu)
+
+
+def _dm_grad(mu_fake: torch.Tensor, mu_real: torch.Tensor, s: float, n: int = 512, seed: int = 0):
+    """d dm_loss / d x0 for generator samples x0 ~ N(mu_fake, s^2), noised at DMD2's t ~ U[20, 980]."""
+    from distill.diffusion import NoiseSchedule, add_noise
+    from distill.methods.dmd2 import dm_loss
+
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                       "beta_schedule": "scaled_linear", "prediction_type": "epsilon"})
+    g = torch.Generator().manual_seed(seed)
+    x0 = (mu_fake + s * torch.randn(n, 4, 2, 2, generator=g)).requires_grad_(True)
+    t = torch.randint(20, 981, (n,), generator=g)
+    x_t = add_noise(x0.detach(), torch.randn(n, 4, 2, 2, generator=g), t, sched)
+    a, sig = sched.alpha(t, x_t), sched.sigma(t, x_t)
+    dm_loss(x0, _posterior_mean(mu_real, s, x_t, a, sig), _posterior_mean(mu_fake, s, x_t, a, sig)).backward()
+    return x0.grad
+
+
+def test_dm_gradient_points_from_the_fake_distribution_to_the_real_one_and_vanishes_when_they_agree():
+    mu_real = torch.tensor([1.0, -0.5, 0.25, 2.0]).view(1, 4, 1, 1)
+    mu_fake = torch.tensor([-1.0, 0.5, 0.0, 0.0]).view(1, 4, 1, 1)
+    step = -_dm_grad(mu_fake, mu_real, 0.5).mean(dim=(0, 2, 3))  # gradient descent's direction, per channel
+    want = (mu_real - mu_fake).flatten()
+    assert torch.nn.functional.cosine_similarity(step, want, dim=0) > 0.999
+    assert (_dm_grad(mu_real, mu_real, 0.5).abs().max() < 1e-7)  # real == fake: no gradient
+
+
+def test_dm_descent_moves_a_generator_mean_onto_the_real_mean():
+    """A 'generator' that is a learnable mean, trained on the DM loss alone with closed-form scores (the fake score
+    follows it exactly), converges to the real distribution's mean."""
+    from distill.diffusion import NoiseSchedule, add_noise
+    from distill.methods.dmd2 import dm_loss
+
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                       "beta_schedule": "scaled_linear", "prediction_type": "epsilon"})
+    mu_real = torch.tensor([1.5, -1.0, 0.5, 0.0]).view(1, 4, 1, 1)
+    mu = torch.zeros(1, 4, 1, 1, requires_grad=True)
+    opt = torch.optim.SGD([mu], lr=1.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        x0 = mu + 0.3 * torch.randn(256, 4, 1, 1, generator=g)
+        t = torch.randint(20, 981, (256,), generator=g)
+        x_t = add_noise(x0.detach(), torch.randn(256, 4, 1, 1, generator=g), t, sched)
+        a, sig = sched.alpha(t, x_t), sched.sigma(t, x_t)
+        loss = dm_loss(x0, _posterior_mean(mu_real, 0.3, x_t, a, sig), _posterior_mean(mu.detach(), 0.3, x_t, a, sig))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (mu.detach() - mu_real).abs().max() < 0.05, mu.flatten()
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, key", [
+    ("method.student_timesteps=[249,499]", "method.student_timesteps"),
+    ("method.student_timesteps=[1000]", "method.student_timesteps"),
+    ("method.t_max=1000", "method.t_min"),
+    ("method.gan_fake_weight=0", "method.gan_generator_weight"),
+    ("method.generator_every_n_steps=0", "method.generator_every_n_steps"),
+    ("trainer.validation_steps=[8]", "trainer.validation_steps"),
+    ("method.fake.scheduler=exp", "method.fake.scheduler"),
+])
+def test_bad_settings_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg(["+experiment=dmd2_tiny", override]))
+
+
+def test_optimizers_two_time_scales_own_settings():
+    _, _, m = _method("method.generator_every_n_steps=3", "method.fake.lr=3e-4", "method.fake.betas=[0.0,0.99]",
+                      "method.generator.weight_decay=0.01")
+    g, fake = m.optimizers()
+    assert (g.name, g.every_n_steps, g.primary, fake.name, fake.every_n_steps) == ("g", 3, True, "fake", 1)
+    assert g.overrides == {"weight_decay": 0.01} and fake.overrides == {"lr": 3e-4, "betas": [0.0, 0.99]}
+    m.optimizer_specs = [g, fake]
+    assert [m.phases(s) for s in range(4)] == [("g", "fake"), ("fake",), ("fake",), ("g", "fake")]
+    head = {id(p) for p in m.fake.heads.parameters()}
+    assert head <= {id(p) for p in fake.groups()[0]["params"]}, "the GAN head trains with the fake score"
+
+
+# -- isolation -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lora", [False, True])
+def test_each_phase_trains_only_its_own_network(lora):
+    extra = ["method.lora.enabled=true", "method.lora.rank=4"] if lora else []
+    _, comps, m = _method(*extra)
+    gen = [p for p in m.trainable]
+    fake = [p for p in m.fake.parameters()]
+    teacher = [p for n, p in m.teacher.named_parameters() if "lora_" not in n]
+    batch = _batch(comps, side=_side(m))
+    for phase, trained, untouched in (("g", gen, fake), ("fake", fake, gen)):
+        for p in gen + fake + teacher:
+            p.grad = None
+        with m.phase_scope(phase):
+            m.losses(batch, phase, 1)["loss"].backward()  # step 1: k >= 0 simulated steps
+        assert all(p.grad is None for p in untouched + teacher), f"{phase} leaked gradients"
+        assert sum(float(p.grad.abs().sum()) for p in trained if p.grad is not None) > 0, f"{phase} trained nothing"
+    assert all(p.requires_grad for p in fake), "phase_scope restores the fake score's flags"
+    assert all(p.grad is not None for p in m.fake.heads.parameters()), "the fake phase trains the GAN head"
+
+
+def test_backward_simulation_runs_the_generator_from_pure_noise_at_the_student_timesteps():
+    _, comps, m = _method()
+    batch = _batch(comps, side=_side(m))
+    calls = []
+    hook = m.generator.register_forward_pre_hook(lambda mod, args: calls.append(int(args[1][0])))
+    try:
+        for step in range(40):
+            k = m.simulated_steps(step)
+            calls.clear()
+            x, t = m.generator_input(batch, step)
+            assert calls == [999, 749, 499, 249][:k] and (t == [999, 749, 499, 249][k]).all()
+            if k == 0:  # pure noise in, as the sampler starts
+                assert torch.equal(x, batch.randn("z", tuple(batch.latents.shape[1:]), x.device))
+    finally:
+        hook.remove()
+    ks = {m.simulated_steps(s) for s in range(40)}
+    assert ks == {0, 1, 2, 3}, "k is drawn uniformly over the student's steps"
+
+
+def test_without_backward_simulation_the_input_is_a_noised_data_latent():
+    from distill.diffusion import add_noise
+
+    _, comps, m = _method("method.backward_simulation=false")
+    batch = _batch(comps, side=_side(m))
+    x, t = m.generator_input(batch, 3)
+    want = add_noise(batch.latents, batch.randn("eps_in", tuple(batch.latents.shape[1:]), x.device), t, m.schedule, pure_noise_at_T=True)
+    assert torch.equal(x, want)
+
+
+# -- the loop: cadence across a resume, logs, export ------------------------------------------------------------
+def test_cadence_resumes_exactly_and_logs_each_side(tiny_data, tmp_path):
+    """7 steps straight equal 3 steps then a resume to 7, bit for bit: the generator (stepped at 0 and 5 with
+    method.generator_every_n_steps=5), the fake score, both optimizers and their warm-ups (3 of each optimizer's
+    OWN steps; the logged lr is the next step's). A constant schedule: a
+    decaying one's length follows trainer.max_steps, which the resume changes."""
+    base = ["+experiment=dmd2_tiny", *FAST, "trainer.checkpoint_every_steps=1", "optim.scheduler=constant",
+            "optim.warmup_steps=3"]
+    straight = train([*base, f"output_dir={tmp_path}/a", "trainer.max_steps=7"])
+    train([*base, f"output_dir={tmp_path}/b", "trainer.max_steps=3"])
+    resumed = train([*base, f"output_dir={tmp_path}/b", "trainer.max_steps=7", "resume=latest"])
+    for name in ("model.safetensors", "model_1.safetensors"):  # generator, fake score (+ head)
+        a, b = weights(straight, 7, name), weights(resumed, 7, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    g_rows = [r["step"] for r in rows if "train/loss_dm" in r]
+    assert g_rows == [1, 6], "the generator steps at outer steps 0 and 5"
+    assert all("train/fake_loss_denoise" in r and "train/fake_loss_d" in r for r in rows)
+    assert all(math.isfinite(r["train/fake_loss"]) for r in rows)
+    assert [r["train/lr_g"] for r in rows if "train/lr_g" in r] == pytest.approx([2e-4 / 3, 1e-4])
+    assert [r["train/lr_fake"] for r in rows][:3] == pytest.approx([2e-4 / 3, 1e-4, 1e-4])
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp_path, steps):
+    """The exported generator and its sampler spec (LCMScheduler at explicit timesteps) in the diffusers SDXL
+    pipeline give the images distill's own sampler gives."""
+    from distill.diffusion import NoiseSchedule, UNetCond, seeded_noise
+    from distill.export import load_export, read_export
+    from distill.models import decode_latents, encode_prompts, load_components
+
+    ts = "[999,749,499,249]" if steps == 4 else "[399]"
+    run = train(["+experiment=dmd2_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
+                 "model.pretrained=distill:tiny-world", "trainer.export_at_end=true", "trainer.export_dtype=fp32",
+                 f"method.student_timesteps={ts}", f"trainer.validation_steps=[{steps}]"])
+    info, spec = read_export(run / "export")
+    assert info["method"] == "dmd2" and spec.kind == "lcm" and spec.timesteps == {steps: tuple(json.loads(ts))}
+    assert f"timesteps={json.loads(ts)}" in (run / "export" / "README.md").read_text()
+    pipe = load_export(run / "export")
+    prompts, seeds = ["a red circle on a black background", "a blue square on a white background"], [3, 7]
+    ref = pipe(prompts, height=32, width=32, output_type="pt", **spec.pipeline_kwargs(steps),
+               generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
+    comps = load_components(info["teacher"])
+    emb, pooled = encode_prompts(comps, prompts)
+    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
+    side = 32 // 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    lat = spec.sample(pipe.unet, seeded_noise(seeds, (2, 4, side, side)), cond,
+                      NoiseSchedule.from_config(comps.scheduler_config), steps, seeds)
+    torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+def test_lora_generator_trains_on_one_base_and_exports_a_lora(tiny_data, tmp_path):
+    run = train(["+experiment=dmd2_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
+                 "method.lora.enabled=true", "method.lora.rank=4", "trainer.export_at_end=true"])
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["method"] == "dmd2-lora" and (run / "export" / "lora" / "pytorch_lora_weights.safetensors").exists()
