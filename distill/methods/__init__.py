@@ -12,6 +12,7 @@ _REGISTRY = {
     "vae": "distill.methods.vae:VAETraining",
     "pad": "distill.methods.pad:PAD",
     "pcm": "distill.methods.pcm:PCM",
+    "kd": "distill.methods.kd:KD",
 }
 
 
