@@ -239,3 +239,23 @@ def test_run_exports_a_smaller_unet_that_loads_back_in_every_format(tiny_data, t
     assert lcd_info["method"] == "lcd-lora"
     lcd_unet = UNet2DConditionModel.from_pretrained(str(lcd / "export" / "unet"))
     assert lcd_unet.config.mid_block_type is None and lcd_unet.config.up_block_types[0] == "UpBlock2D"
+
+
+def test_progressive_removal_runs_as_stages(tiny_data, tmp_path):
+    """Remove, distil, remove more, distil again: stage 2 starts from stage 1's export and removes more of it."""
+    from diffusers import UNet2DConditionModel
+
+    stages = ("[{name:mid,max_steps:2,student:{mid_block:resnet}},"
+              "{name:more,max_steps:2,student:{mid_block:none,up_transformer_layers:[0,null]}}]")
+    run = train(["+experiment=kd_tiny", "+debug=fast", f"output_dir={tmp_path}/run", "data.batch_size=2",
+                 f"method.progressive={stages}", "trainer.validation_prompts=[]"])
+    first, second = sorted((run / "stages").iterdir())
+    assert [first.name, second.name] == ["00_mid", "01_more"]
+    info = json.loads((second / "stage.json").read_text())["info"]
+    assert info["student_init"] == str(first / "export" / "unet")
+    a = UNet2DConditionModel.from_pretrained(str(first / "export" / "unet")).config
+    b = UNet2DConditionModel.from_pretrained(str(run / "export" / "unet")).config
+    assert a.mid_block_type == "UNetMidBlock2D" and a.up_block_types[0] == "CrossAttnUpBlock2D"
+    assert b.mid_block_type is None and b.up_block_types[0] == "UpBlock2D"
+    arch = json.loads((run / "export" / "export.json").read_text())["architecture"]
+    assert arch["stage"] == "more" and "mid_block.resnets.0" in arch["dropped"] and arch["not_copied"] == {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from distill.models.student import MID_BLOCKS, PRESETS, StudentPlan, build_stude
 from distill.optim import OptimizerSpec
 from distill.profiling import span
 from distill.sampler import SamplerSpec
+from distill.stages import Stage, stage_folder
 
 
 @dataclass
@@ -51,9 +53,20 @@ class KDStudentConfig:
 
 
 @dataclass
+class KDStageConfig:
+    """One stage of progressive removal: its plan applies to the previous stage's student (counts are clamped to
+    it: a stage only removes), the teacher stays the original."""
+
+    name: str = "stage"  # also its folder: stages/<index>_<name>
+    student: KDStudentConfig = field(default_factory=KDStudentConfig)
+    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_steps)
+
+
+@dataclass
 class KDConfig:
     name: str = "kd"
     student: KDStudentConfig = field(default_factory=KDStudentConfig)
+    progressive: list[KDStageConfig] = field(default_factory=list)  # empty: one stage with `student`
     lambda_task: float = 1.0  # denoising loss on real latents
     lambda_out: float = 0.5  # MSE to the teacher's prediction
     lambda_feat: float = 0.5  # sum of MSEs between tapped features
@@ -71,15 +84,13 @@ class KD(Method):
     @classmethod
     def check(cls, cfg) -> None:
         m = cfg.method
-        s = m.student
-        if s.preset is not None and s.preset not in PRESETS:
-            raise ConfigError(f"method.student.preset={s.preset!r}: expected one of {sorted(PRESETS)} or null")
-        if s.mid_block not in MID_BLOCKS:
-            raise ConfigError(f"method.student.mid_block={s.mid_block!r}: expected keep | resnet | none")
-        if s.layers_per_block is not None and (not isinstance(s.layers_per_block, int) or s.layers_per_block < 0):
-            raise ConfigError(f"method.student.layers_per_block={s.layers_per_block}: one count >= 0 for every block "
-                              "(the original single-file layout, export/checkpoint.safetensors, numbers its blocks with "
-                              "one layers_per_block, so per-block counts have no single-file form)")
+        _check_student(m.student, "method.student")
+        for i, st in enumerate(m.progressive):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", st.name):
+                raise ConfigError(f"method.progressive[{i}].name={st.name!r}: use letters, digits, _ . - (a folder)")
+            if st.max_steps < 1:
+                raise ConfigError(f"method.progressive[{i}].max_steps={st.max_steps} must be >= 1")
+            _check_student(st.student, f"method.progressive[{i}].student")
         if m.feature_level not in ("block", "layer"):
             raise ConfigError(f"method.feature_level={m.feature_level!r}: expected block | layer")
         for key in ("lambda_task", "lambda_out", "lambda_feat"):
@@ -90,16 +101,39 @@ class KD(Method):
         if m.inference_steps < 1:
             raise ConfigError(f"method.inference_steps={m.inference_steps} must be >= 1")
 
+    @classmethod
+    def plan(cls, cfg, run_dir: Path) -> list[Stage]:
+        """One stage per `method.progressive` entry (remove, distil, remove more, distil again), each student built
+        from the previous stage's export; a single stage without it."""
+        specs = list(cfg.method.progressive)
+        if not specs:
+            return super().plan(cfg, run_dir)
+        dirs = [stage_folder(run_dir, i, s.name) for i, s in enumerate(specs)]
+        return [Stage(s.name, i, dirs[i] if len(specs) > 1 else Path(run_dir),
+                      info={"student_init": str(dirs[i - 1] / "export" / "unet") if i else None},
+                      trainer={"max_steps": s.max_steps}) for i, s in enumerate(specs)]
+
     def __init__(self, cfg, comps, device, stage=None):
         super().__init__(cfg, comps, device, stage)
         m = cfg.method
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.teacher = comps.unet.requires_grad_(False).eval()
-        # from the fp32 weights as stored, not the frozen half-precision copy
-        state = (self.teacher.state_dict() if next(self.teacher.parameters()).dtype == torch.float32
-                 else _stored_fp32_state(comps))
-        self.plan = StudentPlan.from_config(m.student)
-        self.student, self.copy_report = build_student(dict(self.teacher.config), state, self.plan)
+        index = stage.index if stage is not None and m.progressive else 0
+        init = stage.info.get("student_init") if stage is not None else None
+        self.stage_name = m.progressive[index].name if m.progressive else None
+        if init:  # a later stage: remove more from the previous stage's student
+            from diffusers import UNet2DConditionModel
+
+            src = UNet2DConditionModel.from_pretrained(init).float()
+            source_config, state = dict(src.config), src.state_dict()
+        else:  # from the fp32 weights as stored, not the frozen half-precision copy
+            source_config = dict(self.teacher.config)
+            state = (self.teacher.state_dict() if next(self.teacher.parameters()).dtype == torch.float32
+                     else _stored_fp32_state(comps))
+        self.student_init = init
+        self.student_cfg = m.progressive[index].student if m.progressive else m.student
+        self.plan = StudentPlan.from_config(self.student_cfg)
+        self.student, self.copy_report = build_student(source_config, state, self.plan)
         del state
         self.student.to(device).train().requires_grad_(True)
         if cfg.trainer.gradient_checkpointing:
@@ -126,7 +160,8 @@ class KD(Method):
         n_t = sum(p.numel() for p in self.teacher.parameters())
         c = self.student.config
         return {"student_parameters": n_s, "teacher_parameters": n_t, "ratio": round(n_s / n_t, 4),
-                "preset": self.cfg.method.student.preset, "mid_block_type": c.mid_block_type,
+                "preset": self.student_cfg.preset, "stage": self.stage_name, "student_init": self.student_init,
+                "mid_block_type": c.mid_block_type,
                 "layers_per_block": c.layers_per_block,
                 "transformer_layers_per_block": c.transformer_layers_per_block,
                 "reverse_transformer_layers_per_block": c.reverse_transformer_layers_per_block,
@@ -205,6 +240,17 @@ class KD(Method):
         export = json.loads((out / "export.json").read_text())
         export["files"].append("pipeline/")
         (out / "export.json").write_text(json.dumps(export, indent=1, default=str))
+
+
+def _check_student(s, key: str) -> None:
+    if s.preset is not None and s.preset not in PRESETS:
+        raise ConfigError(f"{key}.preset={s.preset!r}: expected one of {sorted(PRESETS)} or null")
+    if s.mid_block not in MID_BLOCKS:
+        raise ConfigError(f"{key}.mid_block={s.mid_block!r}: expected keep | resnet | none")
+    if s.layers_per_block is not None and (not isinstance(s.layers_per_block, int) or s.layers_per_block < 0):
+        raise ConfigError(f"{key}.layers_per_block={s.layers_per_block}: one count >= 0 for every block (the original "
+                          "single-file layout, export/checkpoint.safetensors, numbers its blocks with one "
+                          "layers_per_block, so per-block counts have no single-file form)")
 
 
 def _stored_fp32_state(comps) -> dict[str, torch.Tensor]:

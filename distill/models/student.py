@@ -138,7 +138,8 @@ def student_config(teacher_config: dict, plan: StudentPlan) -> dict:
                                                                          zip(reversed(down_cfg), up_cfg)]
     cfg["transformer_layers_per_block"] = down_cfg
     cfg["reverse_transformer_layers_per_block"] = None if symmetric else up_cfg
-    if plan.mid_block == "resnet":
+    removed = "mid_block_type" in cfg and cfg["mid_block_type"] is None  # a source with no mid block: none to add
+    if plan.mid_block == "resnet" and not removed:
         cfg["mid_block_type"] = "UNetMidBlock2D"
     elif plan.mid_block == "none":
         cfg["mid_block_type"] = None
