@@ -88,7 +88,7 @@ def model_card(info: dict, export_dir: str | Path = "EXPORT_DIR") -> str:
 def _head(info: dict, f: dict) -> str:
     head = f"""# {info['method']} student of `{f['teacher']}`
 
-Few-step {info['arch'].upper()} student distilled with `distill` (method `{info['method']}`).
+{'Smaller' if 'architecture' in info else 'Few-step'} {info['arch'].upper()} student distilled with `distill` (method `{info['method']}`).
 
 | setting | value |
 |---|---|
@@ -103,6 +103,8 @@ Few-step {info['arch'].upper()} student distilled with `distill` (method `{info[
         lo = info["lora"]
         head += (f"| LoRA | rank {lo['rank']}, alpha {lo['alpha']:g} (scale {lo['alpha'] / lo['rank']:g}), "
                  f"{lo['layers']} layers, on `{f['base']}` |\n")
+    if "architecture" in info:
+        head += _architecture(info["architecture"])
     if "single_file_baked_w" in info:
         head += (f"\nThe UNet takes the guidance scale as an input (LCM w-embedding): `unet/` and "
                  f"`unet.safetensors` keep it (diffusers pipelines pass `guidance_scale` into it and run no "
@@ -110,6 +112,19 @@ Few-step {info['arch'].upper()} student distilled with `distill` (method `{info[
                  f"w = {info['single_file_baked_w']:g} (guidance_scale {f['gs']:g}) is baked into its time embedding: "
                  f"sample it with CFG 1 (`guidance_scale=1.0`, ComfyUI / A1111 CFG 1.0).\n")
     return head
+
+
+def _architecture(a: dict) -> str:
+    """A knowledge-distilled student (method kd): a new, smaller UNet layout, not the teacher's."""
+    layout = ", ".join(f"`{k}`: {json.dumps(a.get(k))}" for k in
+                       ("transformer_layers_per_block", "reverse_transformer_layers_per_block", "mid_block_type",
+                        "layers_per_block", "down_block_types", "up_block_types"))
+    return (f"\n**A new, smaller architecture.** This UNet is not the teacher's layout: blocks were removed and the "
+            f"rest copied from the teacher by name, then distilled (layer-level KD, SSD-1B / Segmind-Vega recipe"
+            f"{', preset `' + a['preset'] + '`' if a.get('preset') else ''}). {a['student_parameters']:,} parameters, "
+            f"{a['ratio']:g}x the teacher's {a['teacher_parameters']:,}. Layout: {layout}. Load it with its own "
+            "config (`unet/config.json`; the single file with `config=EXPORT_DIR + \"/pipeline\"`): the teacher's "
+            "config would build the teacher's layout. It samples as the teacher does (no step distillation).\n")
 
 
 def _snippet(f: dict, export_dir: str, load: str, gs: float, name: str, info: dict) -> str:
@@ -150,7 +165,9 @@ def _diffusers(info: dict, f: dict, export_dir: str) -> str:
             ("`unet.safetensors` is the same UNet as one file "
              "(`unet.load_state_dict(safetensors.torch.load_file(...))`).\n\n"),
             "Single file (the ComfyUI / A1111 checkpoint; the teacher's VAE and text encoders are inside):\n\n"]
-    load = (f'pipe = {f["pipe"]}.from_single_file(EXPORT_DIR + "/checkpoint.safetensors", config={teacher}, '
+    # a smaller (KD) architecture: the config of its own layout, the teacher's folder with this UNet in it
+    single_cfg = 'EXPORT_DIR + "/pipeline"' if "architecture" in info else teacher
+    load = (f'pipe = {f["pipe"]}.from_single_file(EXPORT_DIR + "/checkpoint.safetensors", config={single_cfg}, '
             "torch_dtype=dtype).to(device)")
     out.append(_snippet(f, export_dir, load, f["ui_cfg"], "single_file", info))
     return "".join(out)
@@ -190,6 +207,9 @@ def _comfyui(info: dict, f: dict) -> str:
         if predicts_x0(info):
             lines.append("- the student predicts x0: add ModelSamplingDiscrete with sampling `x0` between the model "
                          "and the KSampler (without it the image is noise)")
+    if "architecture" in info:
+        lines.append("- a smaller UNet layout: ComfyUI detects SSD-1B's and Segmind-Vega's from the checkpoint's keys; "
+                     "other removal plans may not be recognised")
     if info["teacher"].startswith("distill:"):
         lines.append("- the tiny world's models are too small for ComfyUI's and A1111's model detection; these "
                      "settings are those of the same recipe at SDXL / SD 1.5 size")
@@ -199,6 +219,9 @@ def _comfyui(info: dict, f: dict) -> str:
 def _a1111(info: dict, f: dict) -> str:
     n, cfg = f["n"], f["ui_cfg"]
     lines = [f"- file: {_ui_file(info, f, 'models/Stable-diffusion')}"]
+    if "architecture" in info:
+        lines.append("- a smaller UNet layout: A1111 loads SDXL's layout only, unless patched for asymmetric UNets "
+                     "(A1111 issue 13787); use diffusers or ComfyUI")
     if "lora" in info:
         lines.append(f"- LoRA: `{LDM_LORA}` in models/Lora, prompt `<lora:{LDM_LORA.removesuffix('.safetensors')}:1>`")
     spec = f["spec"]

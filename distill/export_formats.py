@@ -144,8 +144,11 @@ def unet_module_map(config: dict) -> dict[str, str]:
     attention) pairs and a downsampler; output_blocks have one more layer per level, the upsampler sits after
     the last one (index 2 when the layer has an attention, else 1)."""
     lpb = config["layers_per_block"]
-    if not isinstance(lpb, int):
-        raise TypeError("the original layout needs one int layers_per_block for all levels")
+    if not isinstance(lpb, int):  # a ValueError, not a TypeError: the layout, not the caller, is the problem
+        raise ValueError(f"layers_per_block={list(lpb)} differs per block: the original single-file layout "
+                         "(checkpoint.safetensors for ComfyUI / A1111 / from_single_file) numbers its blocks with one "
+                         "layers_per_block for every level, so this UNet has no single-file form; use the diffusers "
+                         "folder (unet/) or one layers_per_block for all blocks")
     levels = len(config["block_out_channels"])
     m = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}

@@ -13,6 +13,7 @@ _REGISTRY = {
     "pad": "distill.methods.pad:PAD",
     "pcm": "distill.methods.pcm:PCM",
     "dmd2": "distill.methods.dmd2:DMD2",
+    "kd": "distill.methods.kd:KD",
 }
 
 
