@@ -53,12 +53,12 @@ def test_lora_targets_and_kohya_keys_on_the_real_sdxl_unet():
 
 
 def test_gpu_check_runs_on_a_tiny_model_on_cpu(tmp_path):
-    """bench/gpu_check.py's whole code path (matmul peak, the bf16-vs-fp32 teacher step, the three experiments'
+    """bench/gpu_check.py's whole code path (matmul peak, the bf16-vs-fp32 teacher step, the five experiments'
     steps, JSON, markdown, --results) on the tiny SDXL-architecture UNet at 64 px; PAD without checkpointing."""
     out, results = tmp_path / "gc.json", tmp_path / "RESULTS.md"
     results.write_text("# Measured results\n")
     run_cli([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--tiny", "--steps", "1", "--warmup", "0",
-             "--out", str(out), "--results", str(results)], timeout=300)
+             "--out", str(out), "--results", str(results)], timeout=900)
     r = json.loads(out.read_text())
     assert r["tiny"] and "interrupted" not in r and "precision_error" not in r
     assert [p["t"] for p in r["precision"]] == [999, 499, 19]
@@ -75,6 +75,10 @@ def test_gpu_check_runs_on_a_tiny_model_on_cpu(tmp_path):
         assert row["mfu"] > 0 and row["samples_per_s"] > 0 and row["peak_mem_gib"] > 0
     assert {"train/d_loss", "train/loss"} <= set(rows["pad_adversarial_lora"]["logs"])  # both phases ran
     assert rows["pad_adversarial_lora"]["stage"] == "s8_cond_lora"
+    for name in ("dmd2_lora", "dmd2_full"):  # the generator and the fake score both stepped at step 0
+        assert {"train/loss_dm", "train/fake_loss_denoise"} <= set(rows[name]["logs"]), name
+    # the full variant trains two UNets (generator, fake score) and the head
+    assert rows["dmd2_full"]["trained_params"] > 2 * rows["dmd2_full"]["unet_params"]
     assert rows["lcd_full"]["ema_gib"] > 0 and rows["lcd_lora"]["ema_gib"] == 0
     assert rows["lcd_lora"]["lora_layers"] > 0 and rows["lcd_full"]["lora_layers"] == 0
     md = results.read_text()
