@@ -12,8 +12,9 @@ from torch import Tensor
 
 from distill.diffusion import UNetCond
 
-PIXELS, LATENTS = "pixels", "latents"
-ENCODERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+PIXELS, LATENTS, PROMPTS = "pixels", "latents", "prompts"
+TEXT = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+ENCODERS = ("vae", *TEXT)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Batch:
     @property
     def size(self) -> int:
         ref = self.latents if self.latents is not None else self.pixels
-        return ref.shape[0]
+        return ref.shape[0] if ref is not None else len(self.captions)
 
 
 def _mix(seed: int, tag: str) -> int:
@@ -61,6 +62,8 @@ def needed_parts(input_kind: str, data_kind: str) -> tuple[str, ...]:
     """The components to load for a method's input kind from this kind of shards."""
     if input_kind == PIXELS:
         return ("unet", "vae")
+    if input_kind == PROMPTS:  # conditioning only: text encoders unless the shards hold the embeddings
+        return ("unet",) if data_kind == "latents" else ("unet", *TEXT)
     if input_kind == LATENTS and data_kind == "images":
         return ("unet", *ENCODERS)
     return ("unet",)
@@ -75,6 +78,10 @@ def to_batch(raw: dict, comps, input_kind: str, seeds: list[int], device: torch.
     ids = time_ids(raw["original_size"], raw["crop_top_left"], raw["target_size"]).to(device)
     if "latents" in raw:
         lat, emb, pooled = raw["latents"], raw["prompt_embeds"], raw.get("pooled_prompt_embeds")
+        lat = None if input_kind == PROMPTS else lat
+    elif input_kind == PROMPTS or "pixels" not in raw:  # a data-free method: captions only, never an image
+        lat = None
+        emb, pooled = encode_prompts(comps, raw["caption"])
     else:
         lat = encode_images(comps, raw["pixels"])
         emb, pooled = encode_prompts(comps, raw["caption"])
@@ -82,7 +89,7 @@ def to_batch(raw: dict, comps, input_kind: str, seeds: list[int], device: torch.
     cond = UNetCond(encoder_hidden_states=emb.to(device, torch.float32),
                     text_embeds=pooled.to(device, torch.float32) if sdxl else None,
                     time_ids=ids if sdxl else None)
-    return Batch(latents=lat.to(device, torch.float32), cond=cond, captions=list(raw["caption"]), seeds=seeds)
+    return Batch(latents=None if lat is None else lat.to(device, torch.float32), cond=cond, captions=list(raw["caption"]), seeds=seeds)
 
 
 def prompt_cond(comps, prompts: list[str], resolution: int, device: torch.device) -> UNetCond:

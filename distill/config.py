@@ -127,8 +127,13 @@ def _check_combinations(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.mixed_precision={cfg.trainer.mixed_precision!r}: expected no | fp16 | bf16")
     if cfg.logger.name not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"logger.name={cfg.logger.name!r}: expected none | wandb | tensorboard")
-    if cfg.data.kind not in ("images", "latents"):
-        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected images | latents")
+    if cfg.data.kind not in ("images", "latents", "prompts"):
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected images | latents | prompts")
+    from distill.methods import METHOD_CLASSES
+
+    if cfg.data.kind == "prompts" and METHOD_CLASSES[cfg.method.name].input_kind != "prompts":
+        raise ConfigError(f"data.kind=prompts reads captions only, but method {cfg.method.name!r} trains on data "
+                          "(images or latents): use data.kind=images | latents, or a data-free method (sim)")
     if cfg.optim.scheduler not in ("constant", "linear", "cosine"):
         raise ConfigError(f"optim.scheduler={cfg.optim.scheduler!r}: expected constant | linear | cosine")
     for key in ("max_steps", "checkpoint_every_steps", "log_every_steps", "gradient_accumulation_steps"):

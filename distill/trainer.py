@@ -235,8 +235,12 @@ class Trainer:
 
     def loader_counters(self) -> dict[str, int]:
         counters = self.loader.counters() if hasattr(self.loader, "counters") else {}
-        if self.acc.num_processes > 1 and counters:
-            keys = sorted(counters)
+        if self.acc.num_processes > 1:  # every rank reduces the same keys, also those another rank never saw
+            from distill.data.transforms import BAD_DATA, FILTERS
+
+            keys = sorted(set(counters) | {*BAD_DATA, *FILTERS, "padded", "images_read", "shard_error",
+                                           "truncated_tar"})
+            counters = {k: counters.get(k, 0) for k in keys}
             t = torch.tensor([counters[k] for k in keys], device=self.device, dtype=torch.float64)
             counters = dict(zip(keys, self.acc.reduce(t, reduction="sum").long().tolist()))
         return {f"data/{k}": v for k, v in counters.items()}

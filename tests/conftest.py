@@ -37,11 +37,12 @@ SDXL_SCHEDULER_CONFIG = {
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small tiny-world dataset in the layout configs/data/tiny_world.yaml expects (20 train shards)."""
-    from distill.data.synthetic import write_split
+    from distill.data.synthetic import write_prompts, write_split
 
     root = tmp_path_factory.mktemp("data")
     write_split(root / "tiny_world" / "train", "train", n=160, seed=0, samples_per_shard=8)
     write_split(root / "tiny_world" / "heldout", "heldout", n=32, seed=0, samples_per_shard=16)
+    write_prompts(root / "tiny_world" / "train_prompts.txt", sorted((root / "tiny_world" / "train").glob("*.tar")))
     os.environ["DISTILL_DATA"] = str(root)
     return root
 

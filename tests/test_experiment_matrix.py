@@ -27,9 +27,11 @@ def _real_size_experiments() -> list[str]:
 def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
     cfg = compose_cfg([f"+experiment={name}"])
     frozen = cfg.trainer.mixed_precision if cfg.trainer.mixed_precision in ("bf16", "fp16") else "fp32"
+    shards = (f"data.shards='{data}/tiny_world/train_prompts.txt'" if cfg.data.kind == "prompts"  # data-free
+              else f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'")
+    kind = "data.kind=prompts" if cfg.data.kind == "prompts" else "data.kind=images"
     return [f"+experiment={name}", "+debug=fast", f"model.pretrained={MODELS[cfg.model.pretrained]}", "model.vae=null",
-            f"model.frozen_dtype={frozen}", "data.kind=images", "data.resolution=64",
-            f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'", f"output_dir={out}",
+            f"model.frozen_dtype={frozen}", kind, "data.resolution=64", shards, f"output_dir={out}",
             "trainer.checkpoint_every_steps=2"]  # one checkpoint per stage (its end), not one per step
 
 

@@ -13,7 +13,9 @@ from typing import Any
 class DataConfig:
     """WebDataset input for training. See docs/data.md for the shard layout and the epoch/resume semantics."""
 
-    kind: str = "images"  # "images" (decode + resize + crop here) | "latents" (precomputed by distill.prepare)
+    # "images" (decode + resize + crop here) | "latents" (precomputed by distill.prepare) | "prompts" (captions
+    # only, never an image: a .txt / .jsonl prompt list, one per line, or caption shards; data-free methods)
+    kind: str = "images"
     # A path (a .tar, or a folder of .tar files), a brace pattern ("data/{00000..00099}.tar"), a `pipe:` URL
     # ("pipe:curl -s -L https://.../{00000..01099}.tar") or a list of any of these.
     shards: Any = None

@@ -70,9 +70,36 @@ def _count_members(open_tar) -> int:
     return n
 
 
+def is_text(url: str) -> bool:
+    """A prompt list: one caption per line (.txt) or one JSON object per line (.jsonl), read as samples."""
+    return url.endswith((".txt", ".jsonl"))
+
+
+def _text_lines(url: str) -> Iterator[tuple[int, bytes]]:
+    """(line index, line) for the non-empty lines of a prompt list (local path, `pipe:` or URL)."""
+    stream = gopen(url, "rb")
+    try:
+        n = 0
+        for line in stream:
+            line = line.strip()
+            if line:
+                yield n, line
+                n += 1
+    finally:
+        _close(stream)
+
+
 def count_samples(url: str, samples_per_shard: int | None = None) -> int:
     """Samples in one shard: the img2dataset-style `<shard>_stats.json` sidecar ("successes"), else
-    `samples_per_shard`, else a scan of the tar (headers only when local; the whole stream otherwise)."""
+    `samples_per_shard`, else a scan of the tar (headers only when local; the whole stream otherwise).
+    A prompt list (.txt / .jsonl) holds one sample per non-empty line."""
+    if is_text(url):
+        if is_local(url) and not os.path.exists(url):
+            return 0
+        try:
+            return sum(1 for _ in _text_lines(url))
+        except Exception:  # noqa: BLE001 - unreadable: counts 0 here; reading it reports the error
+            return 0
     if is_local(url):
         sidecar = re.sub(r"\.tar$", "", url) + "_stats.json"
         if os.path.exists(sidecar):
@@ -104,7 +131,11 @@ def _close(stream) -> None:
 
 def read_shard(url: str, counters: Counter, strict: bool) -> Iterator[dict]:
     """Yield raw samples of one shard. Unreadable/truncated shards: counted ("shard_error", "truncated_tar")
-    and skipped, or raised (strict). The sample being assembled when a tar breaks is dropped with it."""
+    and skipped, or raised (strict). The sample being assembled when a tar breaks is dropped with it.
+    A prompt list yields {"__key__": the 9-digit line index, "txt" or "json": the line} per non-empty line."""
+    if is_text(url):
+        yield from _read_text(url, counters, strict)
+        return
     try:
         stream = gopen(url, "rb")
     except Exception as e:
@@ -135,6 +166,17 @@ def read_shard(url: str, counters: Counter, strict: bool) -> Iterator[dict]:
             raise DataError(f"truncated or corrupt tar {url} (at key {key!r}): {e}") from e
     finally:
         _close(stream)
+
+
+def _read_text(url: str, counters: Counter, strict: bool) -> Iterator[dict]:
+    ext = "json" if url.endswith(".jsonl") else "txt"
+    try:
+        for i, line in _text_lines(url):
+            yield {"__key__": f"{i:09d}", "__url__": url, ext: line}
+    except OSError as e:
+        counters["shard_error"] += 1
+        if strict:
+            raise DataError(f"cannot read prompt list {url}: {e}") from e
 
 
 def shuffled(samples: Iterator[dict], buffer: int, rng: random.Random) -> Iterator[dict]:

@@ -178,6 +178,17 @@ def write_split(
     return paths
 
 
+def write_prompts(path: Path, shards: list[Path]) -> None:
+    """The captions of `shards`, one per line in sample order (data/tiny_world_prompts.yaml reads it)."""
+    lines = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            lines += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
 def brace_pattern(paths: list[Path]) -> str:
     """WebDataset brace pattern covering consecutive shards, e.g. DIR/train/{00000..00019}.tar."""
     if len(paths) == 1:
@@ -187,6 +198,8 @@ def brace_pattern(paths: list[Path]) -> str:
 
 # configs/data/tiny_world.yaml's shards under $DISTILL_DATA (default data/): what `make data` writes.
 DEFAULT_SHARDS = "tiny_world/train/{00000..00019}.tar"
+PROMPTS_FILE = "train_prompts.txt"  # tiny_world/train_prompts.txt: the train split's captions
+DEFAULT_PROMPTS = "tiny_world/" + PROMPTS_FILE
 
 
 def ensure_default_shards(shards: object) -> bool:
@@ -194,9 +207,14 @@ def ensure_default_shards(shards: object) -> bool:
     default's location and a shard is missing, so `train.py +experiment=lcm_lora_tiny` works on a fresh clone.
     Processes that start together (accelerate launch) serialise on a file lock: the first writes, the others
     wait and then find the shards. Returns True when this process wrote them."""
-    if not isinstance(shards, str) or not (shards == DEFAULT_SHARDS or shards.endswith("/" + DEFAULT_SHARDS)):
+    if not isinstance(shards, str):
         return False
-    root = Path(shards).parent.parent  # DIR/tiny_world
+    if shards == DEFAULT_PROMPTS or shards.endswith("/" + DEFAULT_PROMPTS):
+        root = Path(shards).parent  # DIR/tiny_world
+    elif shards == DEFAULT_SHARDS or shards.endswith("/" + DEFAULT_SHARDS):
+        root = Path(shards).parent.parent
+    else:
+        return False
     if _complete(root):
         return False
     import fcntl
@@ -214,7 +232,8 @@ def ensure_default_shards(shards: object) -> bool:
 
 
 def _complete(root: Path) -> bool:
-    return all((root / "train" / f"{i:05d}.tar").exists() for i in range(20))
+    return (all((root / "train" / f"{i:05d}.tar").exists() for i in range(20))
+            and (root / PROMPTS_FILE).exists())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         paths = write_split(out / split, split, n, args.seed, args.samples_per_shard)
         info["splits"][split] = {"samples": n, "shards": brace_pattern(paths)}
+        if split == "train":  # the prompt list of data-free methods (data.kind=prompts): line i = sample i's caption
+            write_prompts(out / PROMPTS_FILE, paths)
         print(f"{split}: {n} samples in {len(paths)} shards: {brace_pattern(paths)}")
     (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
 

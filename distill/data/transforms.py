@@ -165,6 +165,15 @@ def latent_sample(raw: dict, cfg: DataConfig, rng: random.Random) -> dict:
     return out
 
 
+def prompt_sample(raw: dict, cfg: DataConfig, rng: random.Random) -> dict:
+    """Raw sample -> its caption alone (data.kind=prompts): no image is decoded, whatever the shard holds. The
+    micro-conditioning is that of a square image at the training resolution, as validation prompts get."""
+    caption = find_caption(raw, _json(raw), cfg.caption_keys)
+    r = cfg.resolution
+    return {"caption": caption, "original_size": (r, r), "crop_top_left": (0, 0), "target_size": (r, r),
+            "key": raw["__key__"], "url": raw["__url__"]}
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack a list of processed samples into the batch dict of the data contract (docs/data.md)."""
     batch: dict = {}

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.data.config import DataConfig
 from distill.data.shards import DataError, ShardPlan, count_samples, expand_urls
-from distill.data.transforms import BAD_DATA, Rejected, collate, image_sample, latent_sample
+from distill.data.transforms import BAD_DATA, Rejected, collate, image_sample, latent_sample, prompt_sample
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,9 @@ def _processor(cfg: DataConfig) -> Callable[[dict, DataConfig, random.Random], d
         return image_sample
     if cfg.kind == "latents":
         return latent_sample
-    raise ValueError(f"data.kind must be 'images' or 'latents', got {cfg.kind!r}")
+    if cfg.kind == "prompts":
+        return prompt_sample
+    raise ValueError(f"data.kind must be 'images', 'latents' or 'prompts', got {cfg.kind!r}")
 
 
 class _Worker:
@@ -43,7 +45,7 @@ class _Worker:
 
     def __init__(self, cfg: DataConfig, plan: ShardPlan, rank: int, worker: int) -> None:
         self.cfg, self.plan, self.rank, self.worker = cfg, plan, rank, worker
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counter(images_read=0)  # images decoded (0 for data.kind=prompts / latents)
         self.process = _processor(cfg)
         self._streak: Counter = Counter()  # reasons of the current run of consecutive rejections
 
@@ -62,6 +64,8 @@ class _Worker:
                 self._reject(e, raw)
                 continue
             self._streak.clear()
+            if "pixels" in sample:
+                self.counters["images_read"] += 1
             if raw.get("__wrap__", 0) > 0:
                 self.counters["padded"] += 1
             yield n, sample

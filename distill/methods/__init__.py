@@ -14,6 +14,7 @@ _REGISTRY = {
     "pcm": "distill.methods.pcm:PCM",
     "dmd2": "distill.methods.dmd2:DMD2",
     "kd": "distill.methods.kd:KD",
+    "sim": "distill.methods.sim:SIM",
 }
 
 
