@@ -2,7 +2,7 @@
 
     python bench/throughput.py --out FILE.json [--size tiny|sdxl] [--steps N] [--warmup N] [--batch B]
 
-Each method (LCD full, LCD-LoRA, one PAD adversarial stage) is built by the real `Trainer.build` (only its
+Each method (LCD full, LCD-LoRA, one PAD adversarial stage, DMD2, SIM) is built by the real `Trainer.build` (only its
 components and loader hooks swapped for in-memory ones) and stepped by the real `Trainer.train_step` (losses,
 backward, clipping, optimizer + LR steps, EMA) on one fixed synthetic batch (no data loading). `--size tiny`: the tiny world's SDXL-architecture UNet (`distill:random-world`), 8x8
 latents, batch 32, fp32. `--size sdxl` (CUDA only): the real SDXL UNet (SDXL_UNET, random weights), 128x128
@@ -60,6 +60,8 @@ METHODS: dict[str, tuple[str, str, int]] = {
     "lcd_full": ("lcm_tiny", "lcm_sdxl", 0),
     "lcd_lora": ("lcm_lora_tiny", "lcm_lora_sdxl", 0),
     "pad_adversarial": ("lightning_tiny", "lightning_sdxl", 1),
+    "dmd2": ("dmd2_tiny", "dmd2_sdxl", 0),  # a step of both phases when the generator is due (see --set)
+    "sim": ("sim_tiny", "sim_sdxl", 0),  # generator and fake score, 1:1: every step has both phases
 }
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults).

@@ -40,6 +40,9 @@ def test_every_method_gets_a_consistent_row(tp, tmp_path):
     assert rows["pad_adversarial"]["stage"] == "s8_cond_lora"
     # one adversarial step runs the teacher n = 4 times, D and G: more FLOPs than an LCD step
     assert rows["pad_adversarial"]["gflop_per_step"] > rows["lcd_lora"]["gflop_per_step"]
+    # SIM: every step trains both sides (generator through the teacher and the fake score, then the fake score)
+    assert set(rows["sim"]["parts_ms"]) == {"student", "teacher", "target", "d"} | loop
+    assert "d" in rows["dmd2"]["parts_ms"]  # the fake score steps every step
     md = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in md for name in tp.METHODS) and "| lcd_full | teacher |" in md
 
