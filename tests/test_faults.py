@@ -38,6 +38,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # the checkpoint-write kill below and the resume tests of every method stay in `make test`
 def test_kill_9_mid_training_then_resume_matches_uninterrupted(tiny_data, tmp_path):
     steps = ["trainer.max_steps=6", "trainer.checkpoint_every_steps=2"]
     full = train([*FAST, *steps, f"output_dir={tmp_path}/full"])

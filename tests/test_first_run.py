@@ -69,3 +69,19 @@ def test_existing_shards_are_kept(tmp_path):
     assert not ensure_default_shards(str(tmp_path / DEFAULT_SHARDS))
     with tarfile.open(paths[0]) as tar:
         assert len(tar.getnames()) == 3 * 8
+
+
+def test_the_prompt_list_is_written_from_existing_shards(tmp_path):
+    """data=tiny_world_prompts on shards an older `make data` wrote: only the prompt list is added, line i the
+    caption of sample i."""
+    from distill.data.synthetic import DEFAULT_PROMPTS
+
+    paths = write_split(tmp_path / "tiny_world" / "train", "train", n=160, seed=0, samples_per_shard=8)
+    before = [p.stat().st_mtime_ns for p in paths]
+    assert ensure_default_shards(str(tmp_path / DEFAULT_PROMPTS))
+    lines = (tmp_path / DEFAULT_PROMPTS).read_text().splitlines()
+    with tarfile.open(paths[1]) as tar:
+        first = tar.extractfile("000000008.txt").read().decode()
+    assert len(lines) == 160 and lines[8] == first
+    assert [p.stat().st_mtime_ns for p in paths] == before
+    assert not ensure_default_shards(str(tmp_path / DEFAULT_PROMPTS))

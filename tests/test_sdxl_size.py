@@ -52,6 +52,7 @@ def test_lora_targets_and_kohya_keys_on_the_real_sdxl_unet():
     assert all(any(n == t or n.endswith("." + t) for n in names) for t in targets)
 
 
+@pytest.mark.slow  # 2.5 min of five experiments: the matrix runs each of them in `make test` already
 def test_gpu_check_runs_on_a_tiny_model_on_cpu(tmp_path):
     """bench/gpu_check.py's whole code path (matmul peak, the bf16-vs-fp32 teacher step, the five experiments'
     steps, JSON, markdown, --results) on the tiny SDXL-architecture UNet at 64 px; PAD without checkpointing."""

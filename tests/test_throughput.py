@@ -17,6 +17,16 @@ def tp():
 TINY = ["--steps", "1", "--warmup", "0", "--batch", "2", "--set", "model.pretrained=distill:random-sdxl"]
 
 
+def test_a_sim_row_times_both_sides_of_its_step(tp, tmp_path):
+    out = tmp_path / "tp.json"
+    tp.main(["--out", str(out), *TINY, "--methods", "sim"])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["method"] == "sim" and row["nonfinite_steps"] == 0 and row["samples_per_s"] > 0
+    assert set(row["parts_ms"]) == {"student", "teacher", "target", "d", "backward", "clip", "optimizer", "callbacks"}
+    assert row["sum_parts_ms"] == pytest.approx(sum(row["parts_ms"].values()))
+
+
+@pytest.mark.slow  # every method (five builds); the SIM row above runs in `make test`
 def test_every_method_gets_a_consistent_row(tp, tmp_path):
     out = tmp_path / "tp.json"
     tp.main(["--out", str(out), *TINY])

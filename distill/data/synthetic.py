@@ -205,25 +205,34 @@ DEFAULT_PROMPTS = "tiny_world/" + PROMPTS_FILE
 def ensure_default_shards(shards: object) -> bool:
     """Write the tiny world (exactly `make data`'s seeded content) on first use when `shards` is the embedded
     default's location and a shard is missing, so `train.py +experiment=lcm_lora_tiny` works on a fresh clone.
+    The prompt list (`tiny_world/train_prompts.txt`) is written from the shards when only it is missing.
     Processes that start together (accelerate launch) serialise on a file lock: the first writes, the others
     wait and then find the shards. Returns True when this process wrote them."""
     if not isinstance(shards, str):
         return False
-    if shards == DEFAULT_PROMPTS or shards.endswith("/" + DEFAULT_PROMPTS):
+    prompts = shards == DEFAULT_PROMPTS or shards.endswith("/" + DEFAULT_PROMPTS)
+    if prompts:
         root = Path(shards).parent  # DIR/tiny_world
     elif shards == DEFAULT_SHARDS or shards.endswith("/" + DEFAULT_SHARDS):
         root = Path(shards).parent.parent
     else:
         return False
-    if _complete(root):
+
+    def done() -> bool:
+        return _complete(root) and (not prompts or (root / PROMPTS_FILE).exists())
+
+    if done():
         return False
     import fcntl
 
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.parent / ".tiny_world.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if _complete(root):
+        if done():
             return False
+        if _complete(root):  # the shards are there (an older `make data`): only the prompt list is missing
+            write_prompts(root / PROMPTS_FILE, [root / "train" / f"{i:05d}.tar" for i in range(20)])
+            return True
         print(f"distill: the tiny world's shards are missing: writing them to {root} "
               "(once, seeded, as `make data`; about 20 s)", flush=True)
         main(["--out", str(root)])
@@ -232,8 +241,7 @@ def ensure_default_shards(shards: object) -> bool:
 
 
 def _complete(root: Path) -> bool:
-    return (all((root / "train" / f"{i:05d}.tar").exists() for i in range(20))
-            and (root / PROMPTS_FILE).exists())
+    return all((root / "train" / f"{i:05d}.tar").exists() for i in range(20))
 
 
 def main(argv: list[str] | None = None) -> None:
