@@ -233,11 +233,12 @@ def step_and_parts(tr: Trainer, data: Batch, device: torch.device, steps: int, w
         t0 = time.perf_counter()
         tr.train_step([data])
         sync()
+        elapsed = time.perf_counter() - t0  # the bare step alone (not the timed one below)
         timer = SpanTimer(device)
         with timer.installed():
             tr.train_step([data])
         if i >= warmup:
-            bare.append(time.perf_counter() - t0)
+            bare.append(elapsed)
             for k, v in timer.seconds.items():
                 parts.setdefault(k, []).append(v)
     return statistics.median(bare), {k: statistics.median(v) for k, v in parts.items()}
