@@ -62,3 +62,26 @@ def install_nan_fault(spec: str) -> None:
         self.method.losses = faulty
 
     Trainer.build = faulty_build
+
+
+def assert_pipeline_samples_as_distill(export_dir: Path, steps: int) -> None:
+    """The export, loaded as a plain diffusers pipeline with its sampler spec, gives the images distill's own
+    sampler gives from the same noise (tiny-world teacher, 32 px, two prompts)."""
+    import torch
+
+    from distill.diffusion import NoiseSchedule, UNetCond, seeded_noise
+    from distill.export import load_export, read_export
+    from distill.models import decode_latents, encode_prompts, load_components
+
+    info, spec = read_export(export_dir)
+    pipe = load_export(export_dir)
+    prompts, seeds = ["a red circle on a black background", "a blue square on a white background"], [3, 7]
+    ref = pipe(prompts, height=32, width=32, output_type="pt", **spec.pipeline_kwargs(steps),
+               generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
+    comps = load_components(info["teacher"])
+    emb, pooled = encode_prompts(comps, prompts)
+    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
+    side = 32 // 2 ** (len(comps.vae.config.block_out_channels) - 1)
+    lat = spec.sample(pipe.unet, seeded_noise(seeds, (2, 4, side, side)), cond,
+                      NoiseSchedule.from_config(comps.scheduler_config), steps, seeds)
+    torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import compose_cfg, train, weights
+from helpers import assert_pipeline_samples_as_distill, compose_cfg, train, weights
 from distill.config import ConfigError, validate
 
 FAST = ["+debug=fast", "trainer.export_at_end=false", "trainer.validation_prompts=[]", "data.batch_size=4",
@@ -201,9 +201,7 @@ def test_cadence_resumes_exactly_and_logs_each_side(tiny_data, tmp_path):
 def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp_path, steps):
     """The exported generator and its sampler spec (LCMScheduler at explicit timesteps) in the diffusers SDXL
     pipeline give the images distill's own sampler gives."""
-    from distill.diffusion import NoiseSchedule, UNetCond, seeded_noise
-    from distill.export import load_export, read_export
-    from distill.models import decode_latents, encode_prompts, load_components
+    from distill.export import read_export
 
     ts = "[999,749,499,249]" if steps == 4 else "[399]"
     run = train(["+experiment=dmd2_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
@@ -212,17 +210,7 @@ def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp
     info, spec = read_export(run / "export")
     assert info["method"] == "dmd2" and spec.kind == "lcm" and spec.timesteps == {steps: tuple(json.loads(ts))}
     assert f"timesteps={json.loads(ts)}" in (run / "export" / "README.md").read_text()
-    pipe = load_export(run / "export")
-    prompts, seeds = ["a red circle on a black background", "a blue square on a white background"], [3, 7]
-    ref = pipe(prompts, height=32, width=32, output_type="pt", **spec.pipeline_kwargs(steps),
-               generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
-    comps = load_components(info["teacher"])
-    emb, pooled = encode_prompts(comps, prompts)
-    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
-    side = 32 // 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    lat = spec.sample(pipe.unet, seeded_noise(seeds, (2, 4, side, side)), cond,
-                      NoiseSchedule.from_config(comps.scheduler_config), steps, seeds)
-    torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)
+    assert_pipeline_samples_as_distill(run / "export", steps)
 
 
 def test_lora_generator_trains_on_one_base_and_exports_a_lora(tiny_data, tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import compose_cfg, train
+from helpers import assert_pipeline_samples_as_distill, compose_cfg, train
 from distill.config import ConfigError, validate
 
 FAST = ["+debug=fast", "trainer.export_at_end=false", "trainer.validation_prompts=[]", "data.batch_size=4"]
@@ -190,9 +190,7 @@ def test_prompt_lists_load_as_captions_without_images(tmp_path):
 def test_sim_trains_from_prompts_alone_and_exports_a_one_step_generator(tiny_data, tmp_path):
     """The embedded default's experiment with its own prompt list: no image read (data/images_read == 0 in
     metrics.jsonl), both phases stepped, and the export samples in the diffusers pipeline as distill does."""
-    from distill.diffusion import NoiseSchedule, UNetCond, seeded_noise
-    from distill.export import load_export, read_export
-    from distill.models import decode_latents, encode_prompts, load_components
+    from distill.export import read_export
 
     run = train(["+experiment=sim_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
                  "model.pretrained=distill:tiny-world", "trainer.export_at_end=true", "trainer.export_dtype=fp32"])
@@ -202,14 +200,4 @@ def test_sim_trains_from_prompts_alone_and_exports_a_one_step_generator(tiny_dat
     assert all("train/loss" in r and "train/fake_loss" in r for r in rows if "train/lr_g" in r)
     info, spec = read_export(run / "export")
     assert info["method"] == "sim" and spec.kind == "lcm" and spec.timesteps == {1: (999,)}
-    pipe = load_export(run / "export")
-    prompts, seeds = ["a red circle on a black background", "a blue square on a white background"], [3, 7]
-    ref = pipe(prompts, height=32, width=32, output_type="pt", **spec.pipeline_kwargs(1),
-               generator=[torch.Generator().manual_seed(s) for s in seeds]).images * 2 - 1
-    comps = load_components(info["teacher"])
-    emb, pooled = encode_prompts(comps, prompts)
-    cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
-    side = 32 // 2 ** (len(comps.vae.config.block_out_channels) - 1)
-    lat = spec.sample(pipe.unet, seeded_noise(seeds, (2, 4, side, side)), cond,
-                      NoiseSchedule.from_config(comps.scheduler_config), 1, seeds)
-    torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)
+    assert_pipeline_samples_as_distill(run / "export", 1)

@@ -102,7 +102,31 @@ def denoising_target(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule
     return eps
 
 
-class DMD2(Method):
+class GeneratorIO:
+    """Sampling and export of a distribution-matching generator (DMD2, SIM): `self.g_raw` (the unwrapped UNet, a
+    LoRA on the teacher's base when `self.lora`) sampled and exported with the method's `sampler()` spec."""
+
+    @torch.no_grad()
+    def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
+        unet = self.g_raw
+        was_training = unet.training
+        unet.eval()
+        try:
+            return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
+        finally:
+            unet.train(was_training)
+
+    def export(self, out_dir: Path, dtype: torch.dtype) -> None:
+        from distill.export import export_student
+
+        info = {"method": self.export_name() + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
+                "arch": self.comps.arch}
+        export_student(self.g_raw, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
+                       base_path=self.comps.path,
+                       lora_base=stored_fp32_state(self.g_raw, self.comps) if self.lora else None)
+
+
+class DMD2(GeneratorIO, Method):
     Config = DMD2Config
 
     @classmethod
@@ -277,22 +301,5 @@ class DMD2(Method):
         return SamplerSpec("lcm", (k,), 1.0, original_inference_steps=k if 1000 % k == 0 else None,
                            timesteps={k: ts})
 
-    @torch.no_grad()
-    def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
-        unet = self.g_raw
-        was_training = unet.training
-        unet.eval()
-        try:
-            return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
-        finally:
-            unet.train(was_training)
-
-    def export(self, out_dir: Path, dtype: torch.dtype) -> None:
-        from distill.export import export_student
-
-        info = {"method": "dmd2" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "arch": self.comps.arch}
-        export_student(self.g_raw, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
-                       base_path=self.comps.path,
-                       lora_base=stored_fp32_state(self.g_raw, self.comps) if self.lora else None)
-
+    def export_name(self) -> str:
+        return "dmd2"

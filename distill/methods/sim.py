@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +37,13 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from distill.config import ConfigError, LoraConfig
-from distill.diffusion import Denoiser, Fp32Io, NoiseSchedule, UNetCond, add_noise
+from distill.diffusion import Denoiser, NoiseSchedule, UNetCond, add_noise
 from distill.methods.base import Batch, Method
 from distill.methods.discriminator import latent_side
-from distill.methods.dmd2 import OptimOverrides, denoising_target, overrides
+from distill.methods.dmd2 import GeneratorIO, OptimOverrides, denoising_target, overrides
 from distill.methods.gan import frozen
 from distill.models.adapters import adapters_disabled, add_lora
-from distill.models.loader import load_fp32_unet, stored_fp32_state
+from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
 from distill.sampler import SamplerSpec
@@ -98,7 +97,7 @@ def _teacher_pass(unet: nn.Module):
             unet.enable_gradient_checkpointing()
 
 
-class SIM(Method):
+class SIM(GeneratorIO, Method):
     Config = SIMConfig
     input_kind = "prompts"  # data-free: UNet conditioning from captions; no image or data latent is used
 
@@ -215,22 +214,5 @@ class SIM(Method):
         return SamplerSpec("lcm", (1,), 1.0, original_inference_steps=1,
                            timesteps={1: (int(self.cfg.method.timestep),)})
 
-    @torch.no_grad()
-    def sample(self, cond: UNetCond, noise: Tensor, num_steps: int, seeds: list[int]) -> Tensor:
-        unet = self.g_raw
-        was_training = unet.training
-        unet.eval()
-        try:
-            return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
-        finally:
-            unet.train(was_training)
-
-    def export(self, out_dir: Path, dtype: torch.dtype) -> None:
-        from distill.export import export_student
-
-        name = "sim" if self.cfg.method.distance == "pseudo_huber" else "sid"
-        info = {"method": name + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
-                "arch": self.comps.arch}
-        export_student(self.g_raw, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
-                       base_path=self.comps.path,
-                       lora_base=stored_fp32_state(self.g_raw, self.comps) if self.lora else None)
+    def export_name(self) -> str:
+        return "sim" if self.cfg.method.distance == "pseudo_huber" else "sid"
