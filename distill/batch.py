@@ -25,6 +25,7 @@ class Batch:
     cond: UNetCond | None
     captions: list[str]
     pixels: Tensor | None = None
+    noise: Tensor | None = None  # data.kind=pairs: the noise the teacher's ODE solve of `latents` started from
     seeds: list[int] = field(default_factory=list)  # one per sample: its random draws never depend on batching
 
     def generators(self, tag: str) -> list[torch.Generator]:
@@ -63,7 +64,7 @@ def needed_parts(input_kind: str, data_kind: str) -> tuple[str, ...]:
     if input_kind == PIXELS:
         return ("unet", "vae")
     if input_kind == PROMPTS:  # conditioning only: text encoders unless the shards hold the embeddings
-        return ("unet",) if data_kind == "latents" else ("unet", *TEXT)
+        return ("unet",) if data_kind in ("latents", "pairs") else ("unet", *TEXT)
     if input_kind == LATENTS and data_kind == "images":
         return ("unet", *ENCODERS)
     return ("unet",)
@@ -89,7 +90,9 @@ def to_batch(raw: dict, comps, input_kind: str, seeds: list[int], device: torch.
     cond = UNetCond(encoder_hidden_states=emb.to(device, torch.float32),
                     text_embeds=pooled.to(device, torch.float32) if sdxl else None,
                     time_ids=ids if sdxl else None)
-    return Batch(latents=None if lat is None else lat.to(device, torch.float32), cond=cond, captions=list(raw["caption"]), seeds=seeds)
+    noise = raw["noise"].to(device, torch.float32) if "noise" in raw and input_kind != PROMPTS else None
+    return Batch(latents=None if lat is None else lat.to(device, torch.float32), cond=cond,
+                 captions=list(raw["caption"]), seeds=seeds, noise=noise)
 
 
 def prompt_cond(comps, prompts: list[str], resolution: int, device: torch.device) -> UNetCond:

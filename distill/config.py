@@ -127,8 +127,8 @@ def _check_combinations(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.mixed_precision={cfg.trainer.mixed_precision!r}: expected no | fp16 | bf16")
     if cfg.logger.name not in ("none", "wandb", "tensorboard"):
         raise ConfigError(f"logger.name={cfg.logger.name!r}: expected none | wandb | tensorboard")
-    if cfg.data.kind not in ("images", "latents", "prompts"):
-        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected images | latents | prompts")
+    if cfg.data.kind not in ("images", "latents", "pairs", "prompts"):
+        raise ConfigError(f"data.kind={cfg.data.kind!r}: expected images | latents | pairs | prompts")
     from distill.methods import METHOD_CLASSES
 
     if cfg.data.kind == "prompts" and METHOD_CLASSES[cfg.method.name].input_kind != "prompts":

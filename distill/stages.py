@@ -23,13 +23,15 @@ STAGE = "stage.json"  # what a stage starts from (the method's stage-derived val
 class Stage:
     """One stage of a run. `info`: the method's stage-derived values (what the student, teacher or LoRA start
     from; prediction types), never user config keys. `trainer`: trainer.* settings of this stage (max_steps is
-    capped by the user's trainer.max_steps)."""
+    capped by the user's trainer.max_steps). `data`: data.* settings of this stage (a warm-up on other data: DMD2's
+    regression on teacher ODE pairs); a stage whose data differs from the previous one's starts its own stream."""
 
     name: str
     index: int
     folder: Path
     info: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -42,7 +44,8 @@ class Stage:
         if not path.exists():
             return None
         d = json.loads(path.read_text())
-        return cls(d["name"], d["index"], Path(d["folder"]), d.get("info", {}), d.get("trainer", {}))
+        return cls(d["name"], d["index"], Path(d["folder"]), d.get("info", {}), d.get("trainer", {}),
+                   d.get("data", {}))
 
 
 def stage_folder(run_dir: Path, index: int, name: str) -> Path:
@@ -56,6 +59,8 @@ def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> Dic
     c = copy.deepcopy(cfg)
     for key, value in stage.trainer.items():
         c.trainer[key] = min(value, cfg.trainer.max_steps) if key == "max_steps" else value
+    for key, value in stage.data.items():
+        c.data[key] = value
     if staged:
         c.trainer.export_at_end = True
         if not last:
@@ -84,6 +89,8 @@ def run_stages(cfg: DictConfig, acc, run_dir: Path) -> None:
         if staged and acc.is_main_process:
             stage.folder.mkdir(parents=True, exist_ok=True)
             (stage.folder / STAGE).write_text(json.dumps(stage.to_json(), indent=1))
+        if carry is not None and i and stages[i - 1].data != stage.data:  # other data: its own stream from 0
+            carry = {k: v for k, v in carry.items() if k != "data"}
         set_seed(cfg.trainer.seed + i, device_specific=False)
         trainer = Trainer(stage_config(cfg, stage, staged, i == len(stages) - 1), acc, stage.folder, carry=carry,
                           stage=stage)

@@ -30,9 +30,14 @@ def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
     shards = (f"data.shards='{data}/tiny_world/train_prompts.txt'" if cfg.data.kind == "prompts"  # data-free
               else f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'")
     kind = "data.kind=prompts" if cfg.data.kind == "prompts" else "data.kind=images"
+    pairs = []  # a warm-up on teacher ODE pairs: the pairs are data too, written by the run from the tiny prompts
+    if OmegaConf.select(cfg, "method.regression.steps"):
+        pairs = [f"method.regression.pairs.prompts='{data}/tiny_world/train_prompts.txt'",
+                 f"method.regression.pairs.shards='{out.parent}/pairs'", "method.regression.pairs.num_pairs=8",
+                 "method.regression.pairs.solver_steps=2"]
     return [f"+experiment={name}", "+debug=fast", f"model.pretrained={MODELS[cfg.model.pretrained]}", "model.vae=null",
             f"model.frozen_dtype={frozen}", kind, "data.resolution=64", shards, f"output_dir={out}",
-            "trainer.checkpoint_every_steps=2"]  # one checkpoint per stage (its end), not one per step
+            "trainer.checkpoint_every_steps=2", *pairs]  # one checkpoint per stage (its end), not one per step
 
 
 def _select(cfg, key: str):

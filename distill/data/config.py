@@ -14,7 +14,8 @@ class DataConfig:
     """WebDataset input for training. See docs/data.md for the shard layout and the epoch/resume semantics."""
 
     # "images" (decode + resize + crop here) | "latents" (precomputed by distill.prepare) | "prompts" (captions
-    # only, never an image: a .txt / .jsonl prompt list, one per line, or caption shards; data-free methods)
+    # only, never an image: a .txt / .jsonl prompt list, one per line, or caption shards; data-free methods) |
+    # "pairs" (teacher ODE pairs from `distill.prepare pairs`: latent shards plus the noise each solve started from)
     kind: str = "images"
     # A path (a .tar, or a folder of .tar files), a brace pattern ("data/{00000..00099}.tar"), a `pipe:` URL
     # ("pipe:curl -s -L https://.../{00000..01099}.tar") or a list of any of these.

@@ -19,7 +19,8 @@ from PIL import Image
 from distill.data.config import DataConfig
 
 # Reasons a sample is dropped. BAD_DATA ones raise in strict mode; FILTERS never do (they are the user's choice).
-BAD_DATA = ("missing_image", "decode_error", "missing_caption", "bad_json", "missing_latents", "bad_latents")
+BAD_DATA = ("missing_image", "decode_error", "missing_caption", "bad_json", "missing_latents", "bad_latents",
+            "missing_noise")
 FILTERS = ("min_size", "max_watermark", "max_aspect_ratio")
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -165,6 +166,16 @@ def latent_sample(raw: dict, cfg: DataConfig, rng: random.Random) -> dict:
     return out
 
 
+def pair_sample(raw: dict, cfg: DataConfig, rng: random.Random) -> dict:
+    """Raw teacher ODE pair (written by `distill.prepare pairs`) -> a latent sample (the teacher's latent) plus
+    the noise the teacher's solve started from (fp32)."""
+    if "noise.npy" not in raw:
+        raise Rejected("missing_noise", "a pair needs KEY.noise.npy (shards from `python -m distill.prepare pairs`)")
+    out = latent_sample(raw, cfg, rng)
+    out["noise"] = _npy(raw, "noise.npy")
+    return out
+
+
 def prompt_sample(raw: dict, cfg: DataConfig, rng: random.Random) -> dict:
     """Raw sample -> its caption alone (data.kind=prompts): no image is decoded, whatever the shard holds. The
     micro-conditioning is that of a square image at the training resolution, as validation prompts get."""
@@ -181,7 +192,7 @@ def collate(samples: list[dict]) -> dict:
     if "pixels" in first:
         u8 = torch.from_numpy(np.stack([s["pixels"] for s in samples]))  # (B, R, R, 3)
         batch["pixels"] = u8.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)  # permute the bytes
-    for name in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
+    for name in ("latents", "noise", "prompt_embeds", "pooled_prompt_embeds"):
         if name in first:
             if any(name not in s for s in samples):
                 raise ValueError(f"{name} present in some samples of a batch only (mixed shards?)")

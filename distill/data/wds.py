@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill.data.config import DataConfig
 from distill.data.shards import DataError, ShardPlan, count_samples, expand_urls
-from distill.data.transforms import BAD_DATA, Rejected, collate, image_sample, latent_sample, prompt_sample
+from distill.data.transforms import BAD_DATA, Rejected, collate, image_sample, latent_sample, pair_sample, prompt_sample
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ def _processor(cfg: DataConfig) -> Callable[[dict, DataConfig, random.Random], d
         return latent_sample
     if cfg.kind == "prompts":
         return prompt_sample
-    raise ValueError(f"data.kind must be 'images', 'latents' or 'prompts', got {cfg.kind!r}")
+    if cfg.kind == "pairs":
+        return pair_sample
+    raise ValueError(f"data.kind must be 'images', 'latents', 'pairs' or 'prompts', got {cfg.kind!r}")
 
 
 class _Worker:

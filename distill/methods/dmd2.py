@@ -22,6 +22,12 @@ Generator loss (eq. 2, 7): x0 = G's sample; x_t = noise(x0, t), t ~ U[t_min, t_m
 Fake loss: the denoising loss of the fake score at x_t = noise(sg(x0), t), t ~ U[0, T); plus gan_fake_weight x
 [softplus(-D(noise(x_data))) + softplus(D(x_t))], real = data latents, both at the same t (one 2B forward).
 
+1-step warm-up (Sec. 4.5, SDXL's 1-step recipe): with `regression.steps` > 0 the run is two stages. The first
+regresses G's one step from each teacher ODE pair's noise onto the teacher's solution from it (data.kind=pairs, shards
+from `distill.prepare pairs`, written by the run itself when `regression.pairs.prompts` is set), G alone, no fake
+score; the second is DMD2 proper, G starting from the first stage's export. (The paper's distance is LPIPS on decoded
+images; here a latent L2 or pseudo-Huber: no decode in the loop.)
+
 Gradient isolation: the "fake" phase runs G under no_grad through its raw module; the "g" phase holds the fake
 score (UNet and head) frozen through forward and backward (`phase_scope`), and the teacher never trains.
 """
@@ -44,11 +50,13 @@ from distill.methods.base import Batch, Method
 from distill.methods.discriminator import latent_side
 from distill.methods.feature_taps import TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
-from distill.models.adapters import adapters_disabled, add_lora
-from distill.models.loader import load_fp32_unet, stored_fp32_state
+from distill.methods.pairs import DISTANCES, PairsConfig, check_pairs, ensure_pairs, regression_distance
+from distill.models.adapters import adapters_disabled, add_lora, load_lora
+from distill.models.loader import load_fp32_unet, load_unet, stored_fp32_state
 from distill.optim import SETTINGS, OptimizerSpec
 from distill.profiling import span
 from distill.sampler import SamplerSpec
+from distill.stages import Stage, stage_folder
 
 
 @dataclass
@@ -68,6 +76,17 @@ def overrides(o) -> dict:
 
 
 @dataclass
+class RegressionConfig:
+    """The 1-step warm-up on teacher ODE pairs (see the module doc); steps 0: none."""
+
+    steps: int = 0
+    lr: Optional[float] = None  # null: the generator's
+    distance: str = "l2"  # l2 | pseudo_huber, on latents
+    huber_c: float = 0.03
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+
+
+@dataclass
 class DMD2Config:
     name: str = "dmd2"
     lora: LoraConfig = field(default_factory=LoraConfig)  # disabled: a full fp32 generator
@@ -82,6 +101,7 @@ class DMD2Config:
     head_channels: int = 256  # width of the GAN head on the fake score's mid-block features
     generator: OptimOverrides = field(default_factory=OptimOverrides)
     fake: OptimOverrides = field(default_factory=OptimOverrides)
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
 
 
 def dm_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
@@ -152,6 +172,27 @@ class DMD2(GeneratorIO, Method):
             sched = m[side].scheduler
             if sched is not None and sched not in ("constant", "linear", "cosine"):
                 raise ConfigError(f"method.{side}.scheduler={sched!r}: expected constant | linear | cosine")
+        r = m.regression
+        if r.steps < 0:
+            raise ConfigError(f"method.regression.steps={r.steps} must be >= 0 (0: no warm-up)")
+        if r.steps:
+            if len(ts) != 1:
+                raise ConfigError(f"method.regression.steps={r.steps}: the pair regression is a 1-step student's "
+                                  f"warm-up, but method.student_timesteps={ts} has {len(ts)} steps")
+            if r.distance not in DISTANCES:
+                raise ConfigError(f"method.regression.distance={r.distance!r}: expected one of {DISTANCES}")
+            check_pairs(r.pairs, "method.regression.pairs")
+
+    @classmethod
+    def plan(cls, cfg: DictConfig, run_dir: Path) -> list[Stage]:
+        """One stage; two with a regression warm-up (on pair shards, then DMD2 from its export)."""
+        r = cfg.method.regression
+        if not r.steps:
+            return super().plan(cfg, run_dir)
+        first, second = stage_folder(run_dir, 0, "regression"), stage_folder(run_dir, 1, "dmd2")
+        return [Stage("regression", 0, first, info={"phase": "regression"}, trainer={"max_steps": int(r.steps)},
+                      data={"kind": "pairs", "shards": r.pairs.shards}),
+                Stage("dmd2", 1, second, info={"phase": "dmd2", "generator_init": str(first / "export")})]
 
     def __init__(self, cfg: DictConfig, comps, device: torch.device, stage=None):
         super().__init__(cfg, comps, device, stage)
@@ -159,32 +200,49 @@ class DMD2(GeneratorIO, Method):
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.timesteps = torch.tensor(list(m.student_timesteps), dtype=torch.long, device=device)
         self.teacher = comps.unet.requires_grad_(False).eval()
-        self.gan = m.gan_generator_weight > 0
-        # the fake score: a trainable fp32 copy of the teacher as stored (before LoRA changes the base in place)
-        fake_unet = load_fp32_unet(comps, device).to(device)
-        mid = max(1, latent_side(comps, cfg.data.resolution) // 2 ** (len(fake_unet.config.block_out_channels) - 1))
-        c_mid = int(fake_unet.config.block_out_channels[-1])
-        self.fake = TapDiscriminator(fake_unet, ["mid_block"], [c_mid], [mid], m.head_channels, "copy")
-        self.fake.to(device).train()
-        if not self.gan:  # the head is computed but never trained: no parameter left without a gradient (DDP)
-            self.fake.heads.requires_grad_(False)
+        info = stage.info if stage is not None else {}
+        self.regression = info.get("phase") == "regression"  # the 1-step warm-up stage: G alone, on pairs
+        init = info.get("generator_init")  # the warm-up's export, for the DMD2 stage after it
+        self.gan = m.gan_generator_weight > 0 and not self.regression
+        if self.regression:
+            ensure_pairs(m.regression.pairs, cfg, self.teacher, m.guidance_scale)
+        self.fake = fake_unet = None
+        if not self.regression:  # the fake score: a trainable fp32 copy of the teacher as stored (before LoRA)
+            fake_unet = load_fp32_unet(comps, device).to(device)
+            mid = max(1, latent_side(comps, cfg.data.resolution) // 2 ** (len(fake_unet.config.block_out_channels) - 1))
+            c_mid = int(fake_unet.config.block_out_channels[-1])
+            self.fake = TapDiscriminator(fake_unet, ["mid_block"], [c_mid], [mid], m.head_channels, "copy")
+            self.fake.to(device).train()
+            if not self.gan:  # the head is computed but never trained: no parameter left without a gradient (DDP)
+                self.fake.heads.requires_grad_(False)
         self.lora = bool(m.lora.enabled)
         if self.lora:  # one base in memory for G and the real score: adapters on = G, off = the teacher
             self.generator = self.teacher
             self.trainable = add_lora(self.generator, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+            if init:
+                load_lora(self.generator, str(Path(init) / "lora"))
         else:
-            self.generator = load_fp32_unet(comps, device).to(device).requires_grad_(True)
+            self.generator = (load_unet(str(Path(init) / "unet"), torch.float32, device) if init
+                              else load_fp32_unet(comps, device).to(device)).requires_grad_(True)
             self.trainable = list(self.generator.parameters())
+        self.generator_init = init
         self.generator.train()
         if cfg.trainer.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
-            fake_unet.enable_gradient_checkpointing()
+            if fake_unet is not None:
+                fake_unet.enable_gradient_checkpointing()
         self.student = self.generator  # the model being distilled, by the name the benches read
-        self.modules = {"generator": self.generator, "fake": self.fake}
+        self.modules = {"generator": self.generator}
+        if self.fake is not None:
+            self.modules["fake"] = self.fake
         self.g_raw, self.fake_raw = self.generator, self.fake  # unwrapped: no-grad and frozen use
 
     def optimizers(self) -> list[OptimizerSpec]:
         m = self.cfg.method
+        if self.regression:  # G alone, every step
+            lr = {"lr": m.regression.lr} if m.regression.lr is not None else {}
+            return [OptimizerSpec("g", [{"params": self.trainable}], overrides={**overrides(m.generator), **lr},
+                                  primary=True)]
         fake_params = list(self.fake.backbone.parameters()) + (list(self.fake.heads.parameters()) if self.gan else [])
         return [OptimizerSpec("g", [{"params": self.trainable}], overrides=overrides(m.generator),
                               every_n_steps=m.generator_every_n_steps, primary=True),
@@ -192,7 +250,7 @@ class DMD2(GeneratorIO, Method):
 
     def phase_scope(self, phase: str):
         """The g phase holds the fake score (UNet and head) frozen over forwards AND backwards (gan.frozen)."""
-        return frozen(self.fake_raw) if phase == "g" else contextlib.nullcontext()
+        return frozen(self.fake_raw) if phase == "g" and self.fake is not None else contextlib.nullcontext()
 
     # -- the networks as denoisers ------------------------------------------------------------------------
     def real_score(self) -> Denoiser:
@@ -232,7 +290,21 @@ class DMD2(GeneratorIO, Method):
 
     # -- losses --------------------------------------------------------------------------------------------
     def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
+        if self.regression:
+            return self._regression_losses(batch)
         return self._generator_losses(batch, step) if phase == "g" else self._fake_losses(batch, step)
+
+    def _regression_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """G's one step from each pair's noise (pure noise at t_0, as it samples) against the teacher's solution."""
+        if batch.noise is None:
+            raise ValueError("the regression stage trains on teacher ODE pairs: its batches need the pairs' noise "
+                             "(data.kind=pairs, shards from `python -m distill.prepare pairs`)")
+        r = self.cfg.method.regression
+        t = self.timesteps[0].expand(batch.noise.shape[0])
+        with span("student"):
+            x0 = self._generator_x0(self.modules["generator"], batch.noise, t, batch.cond).float()
+        loss = regression_distance(x0, batch.latents, r.distance, r.huber_c)
+        return {"loss": loss, "loss_regression": loss.detach()}
 
     def _generator_losses(self, batch: Batch, step: int) -> dict[str, Tensor]:
         m, cond = self.cfg.method, batch.cond

@@ -55,8 +55,8 @@ from distill.sampler import SamplerSpec
 from distill.stages import Stage, stage_folder
 from distill.methods.discriminator import Discriminator, latent_side
 from distill.methods.gan import d_loss, frozen, g_loss
-from distill.models.adapters import adapters_disabled, add_lora
-from distill.models.loader import load_fp32_unet, stored_fp32_state
+from distill.models.adapters import adapters_disabled, add_lora, load_lora
+from distill.models.loader import load_fp32_unet, load_unet, stored_fp32_state
 
 
 @dataclass
@@ -132,25 +132,6 @@ def _check_pad(m: DictConfig) -> None:
 
 
 
-def _load_unet(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(path).to(device=device, dtype=dtype)
-
-
-def _load_lora(unet: nn.Module, lora_dir: str) -> None:
-    """Continue a LoRA: load a diffusers-format LoRA export (`unet.<path>.lora_A.weight`) into adapter "default"."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
-    state = {k.removeprefix("unet."): v.float() for k, v in state.items()}
-    result = set_peft_model_state_dict(unet, state, adapter_name="default")
-    if result.unexpected_keys:
-        raise ValueError(f"LoRA {lora_dir} does not fit this stage's adapter (rank / targets changed?): "
-                         f"{result.unexpected_keys[:3]}")
-
-
 class PAD(Method):
     Config = PADConfig
 
@@ -175,7 +156,7 @@ class PAD(Method):
         base = comps.unet
         frozen_dt = next(base.parameters()).dtype
         # x0 conversion: the frozen eps copy is the student's own start (the previous stage's model).
-        self.teacher = base if info["teacher"] is None else _load_unet(info["teacher"], frozen_dt, device)
+        self.teacher = base if info["teacher"] is None else load_unet(info["teacher"], frozen_dt, device)
         self.teacher.requires_grad_(False).eval()
         self.discriminator: Discriminator | None = None
         if self.adversarial:  # before add_lora, which changes the base UNet in place
@@ -190,12 +171,12 @@ class PAD(Method):
                 self.student = self.teacher
             else:
                 self.student = (base if info["student_init"] is None
-                                else _load_unet(info["student_init"], frozen_dt, device))
+                                else load_unet(info["student_init"], frozen_dt, device))
             self.trainable = add_lora(self.student, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
             if info["lora_init"]:
-                _load_lora(self.student, info["lora_init"])
+                load_lora(self.student, info["lora_init"])
         else:
-            self.student = (_load_unet(info["student_init"], torch.float32, device) if info["student_init"]
+            self.student = (load_unet(info["student_init"], torch.float32, device) if info["student_init"]
                             else load_fp32_unet(comps, device))  # the stored fp32 weights, not the frozen copy
             self.student.requires_grad_(True)
             self.trainable = list(self.student.parameters())

@@ -95,3 +95,18 @@ class EMA:
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if own:
             self.model.load_state_dict(own)
+
+
+def load_lora(unet: nn.Module, lora_dir: str) -> None:
+    """Continue a LoRA: load a diffusers-format LoRA export (`unet.<path>.lora_A.weight`) into adapter "default"."""
+    from pathlib import Path
+
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
+    state = {k.removeprefix("unet."): v.float() for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    if result.unexpected_keys:
+        raise ValueError(f"LoRA {lora_dir} does not fit this stage's adapter (rank / targets changed?): "
+                         f"{result.unexpected_keys[:3]}")

@@ -199,3 +199,10 @@ def frozen_dtype(cfg, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and cfg.trainer.mixed_precision in ("fp16", "bf16"):
         return _DTYPES[cfg.trainer.mixed_precision]
     return torch.float32
+
+
+def load_unet(path: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A UNet folder (a stage's export/unet) in `dtype` on `device`."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(path).to(device=device, dtype=dtype)

@@ -1,0 +1,196 @@
+"""Teacher ODE pairs: `python -m distill.prepare pairs` (the teacher's own deterministic solve from seeded noise,
+resumable, any process count, counted), `data.kind=pairs`, and DMD2's 1-step regression warm-up on them."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PY, run_cli
+from helpers import assert_pipeline_samples_as_distill, compose_cfg, train
+from distill.config import ConfigError, validate
+
+TEACHER = "distill:tiny-world"
+
+
+def _pairs(tiny_data, out, **kw):
+    from distill.prepare import make_pairs
+
+    args = dict(steps=3, guidance=5.0, resolution=32, batch_size=5, limit=12, samples_per_shard=4)
+    return make_pairs(str(tiny_data / "tiny_world" / "train_prompts.txt"), TEACHER, out, **{**args, **kw})
+
+
+def _read(out: Path) -> dict[str, dict]:
+    """key -> {ext: bytes} of every sample in the shards of `out`."""
+    samples: dict[str, dict] = {}
+    for path in sorted(out.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def _npy(b: bytes) -> torch.Tensor:
+    import io
+
+    import numpy as np
+
+    return torch.from_numpy(np.load(io.BytesIO(b)))
+
+
+def test_a_pair_is_the_teachers_own_solve_from_its_seeded_noise(tiny_data, tmp_path):
+    from distill.batch import prompt_cond
+    from distill.diffusion import NoiseSchedule, sample_teacher, seeded_noise
+    from distill.models import load_components
+    from distill.prepare import pair_seed
+
+    summary = _pairs(tiny_data, tmp_path / "p")
+    assert summary["complete"] and summary["pairs"] == summary["expected"] == 12
+    samples = _read(tmp_path / "p")
+    prompts = (tiny_data / "tiny_world" / "train_prompts.txt").read_text().splitlines()[:12]
+    assert sorted(samples) == [f"{i:09d}" for i in range(12)]
+    comps = load_components(TEACHER)
+    key = "000000007"
+    s = samples[key]
+    assert s["txt"].decode() == prompts[7]
+    noise = _npy(s["noise.npy"])
+    assert noise.dtype == torch.float32
+    torch.testing.assert_close(noise, seeded_noise([pair_seed(0, key)], (1, 4, 8, 8))[0], atol=0, rtol=0)
+    cond = prompt_cond(comps, [prompts[7]], 32, torch.device("cpu"))
+    want = sample_teacher(comps.unet, noise[None], cond, cond.zeros_like(),
+                          NoiseSchedule.from_config(comps.scheduler_config), 3, "ddim", 5.0, "trailing")[0]
+    torch.testing.assert_close(_npy(s["latents.npy"]).float(), want, atol=2e-3, rtol=2e-3)  # stored fp16
+    meta = json.loads(s["json"])
+    assert meta["pair"] == {"solver": "ddim", "steps": 3, "guidance": 5.0, "seed": pair_seed(0, key)}
+    assert meta["target_size"] == [32, 32] and "pooled_prompt_embeds.npy" in s
+
+
+def test_pairs_resume_skip_what_is_written_refuse_other_settings_and_recount(tiny_data, tmp_path):
+    from distill.prepare import pairs_complete, pairs_settings
+
+    out = tmp_path / "p"
+    first = _pairs(tiny_data, out, limit=6)
+    (out / "00009-rank000.tar.tmp").write_bytes(b"half a shard")  # what a killed writer leaves
+    second = _pairs(tiny_data, out, limit=12)
+    assert (first["written"], second["written"], second["pairs"]) == (6, 6, 12)
+    assert not list(out.glob("*.tmp"))
+    fresh = tmp_path / "q"
+    _pairs(tiny_data, fresh, limit=12, batch_size=12, samples_per_shard=100)
+    a, b = _read(out), _read(fresh)
+    assert a.keys() == b.keys() and all(a[k]["noise.npy"] == b[k]["noise.npy"] for k in a)  # batch-independent
+    for k in a:  # the same solve (batched matmuls round alike only to fp32 precision)
+        torch.testing.assert_close(_npy(a[k]["latents.npy"]), _npy(b[k]["latents.npy"]), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="steps: 3 there, 4 now"):
+        _pairs(tiny_data, out, steps=4)
+    settings = pairs_settings(TEACHER, str(tiny_data / "tiny_world" / "train_prompts.txt"), 3, 5.0, "ddim", 32, 0, 12)
+    assert pairs_complete(out, settings)
+    next(iter(sorted(out.glob("*.tar")))).unlink()  # a shard lost since: not complete, and a rerun rewrites it
+    assert not pairs_complete(out, settings)
+    assert _pairs(tiny_data, out, limit=12)["written"] == 4
+
+
+def test_two_processes_write_the_pairs_one_writes(tiny_data, tmp_path):
+    args = ["-m", "distill.prepare", "pairs", "--model", TEACHER, "--prompts",
+            str(tiny_data / "tiny_world" / "train_prompts.txt"), "--steps", "2", "--resolution", "32", "--limit", "10",
+            "--batch-size", "3"]
+    run_cli([PY, *args, "--output", str(tmp_path / "one")])
+    run_cli([PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1",
+             *args, "--output", str(tmp_path / "two")], env={"ACCELERATE_USE_CPU": "1"})
+    one, two = _read(tmp_path / "one"), _read(tmp_path / "two")
+    assert len(list((tmp_path / "two").glob("*-rank001.tar"))) == 1
+    assert one.keys() == two.keys() and len(one) == 10
+    assert all(one[k]["noise.npy"] == two[k]["noise.npy"] for k in one)
+    for k in one:
+        torch.testing.assert_close(_npy(one[k]["latents.npy"]), _npy(two[k]["latents.npy"]), atol=2e-3, rtol=0)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["complete"]
+
+
+def test_pair_shards_load_with_their_noise_and_a_pair_without_noise_is_a_counted_skip(tiny_data, tmp_path):
+    from distill.data.config import DataConfig
+    from distill.data.wds import OnceLoader
+    from distill.data.writer import ShardWriter
+
+    _pairs(tiny_data, tmp_path / "p", limit=8)
+    samples = _read(tmp_path / "p")
+    with ShardWriter(tmp_path / "p", 10, suffix="-broken") as w:  # a latent sample, no noise
+        w.write("999999999", {k: v for k, v in samples["000000000"].items() if k != "noise.npy"})
+    cfg = DataConfig(kind="pairs", shards=str(tmp_path / "p"), batch_size=9, resolution=32, num_workers=0,
+                     shuffle_buffer=0)
+    loader = OnceLoader(cfg, rank=0, world_size=1)
+    batch = next(iter(loader))
+    assert batch["noise"].shape == (8, 4, 8, 8) and batch["noise"].dtype == torch.float32
+    i = batch["key"].index("000000003")
+    torch.testing.assert_close(batch["noise"][i], _npy(samples["000000003"]["noise.npy"]), atol=0, rtol=0)
+    assert loader.counters()["missing_noise"] == 1 and loader.counters()["images_read"] == 0
+
+
+def test_regression_warm_up_settings_are_checked_naming_the_key(tiny_data, tmp_path):
+    base = ["+experiment=dmd2_1step_tiny", f"method.regression.pairs.shards={tmp_path}/none"]
+    with pytest.raises(ConfigError, match="method.regression.steps=300: the pair regression is a 1-step"):
+        validate(compose_cfg([*base, "method.student_timesteps=[999,499]", "trainer.validation_steps=[1]"]))
+    with pytest.raises(ConfigError, match="method.regression.distance='l1'"):
+        validate(compose_cfg([*base, "method.regression.distance=l1"]))
+    with pytest.raises(ConfigError, match="method.regression.pairs.solver='dpmpp2m'"):
+        validate(compose_cfg([*base, "method.regression.pairs.solver=dpmpp2m"]))
+    with pytest.raises(FileNotFoundError, match="method.regression.pairs.shards=.*holds no pair shards"):
+        train([*base, "method.regression.pairs.prompts=null", "+debug=fast", f"output_dir={tmp_path}/run"])
+
+
+def _unet_state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_one_step_dmd2_warms_up_on_pairs_then_starts_from_that_generator(tiny_data, tmp_path, lora):
+    """dmd2_1step_tiny as shipped, shortened: the run writes its pairs, regresses G on them (no image read, no
+    fake score), and the DMD2 stage starts from the warm-up's export; the export samples in diffusers as distill."""
+    run = tmp_path / "run"
+    overrides = ["+experiment=dmd2_1step_tiny", "+debug=fast", "trainer.validation_prompts=[]", "data.batch_size=4",
+                 "method.head_channels=8", "method.regression.steps=3", "method.regression.pairs.num_pairs=8",
+                 "method.regression.pairs.solver_steps=2", f"method.regression.pairs.shards={tmp_path}/pairs",
+                 f"output_dir={run}", *(["method.lora.enabled=true", "method.lora.rank=4"] if lora else [])]
+    train(overrides)
+    warm, dmd = run / "stages" / "00_regression", run / "stages" / "01_dmd2"
+    rows = [json.loads(x) for x in (warm / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and all(r.get("data/images_read", 0) == 0 for r in rows)
+    assert all("train/loss_regression" in r and "train/loss_dm" not in r for r in rows if "train/loss" in r)
+    assert OmegaConf_load(warm).data.kind == "pairs" and OmegaConf_load(dmd).data.kind == "images"
+    assert json.loads((tmp_path / "pairs" / "summary.json").read_text())["pairs"] == 8
+    dm_rows = [json.loads(x) for x in (dmd / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss_dm" in r for r in dm_rows)
+    # the DMD2 stage's generator starts from the warm-up's export, not from the teacher
+    from distill.methods import build_method
+    from distill.models import load_components
+    from distill.stages import Stage
+
+    cfg = validate(compose_cfg(overrides))
+    comps = load_components(cfg.model.pretrained, parts=("unet",))
+    stage = Stage.read(dmd)
+    m = build_method(cfg, comps, torch.device("cpu"), stage=stage)
+    if lora:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(warm / "export" / "lora" / "pytorch_lora_weights.safetensors"))
+        have = {n: p for n, p in m.generator.named_parameters() if "lora_" in n}
+        k = next(iter(saved))
+        name = k.removeprefix("unet.").replace(".weight", ".default.weight")
+        torch.testing.assert_close(have[name], saved[k].float())
+        assert saved[k].abs().sum() > 0
+    else:
+        saved = _unet_state(warm / "export" / "unet")
+        have = m.generator.state_dict()
+        assert all(torch.equal(have[k], v.float()) for k, v in saved.items())
+        teacher = comps.unet.state_dict()
+        assert any(not torch.equal(teacher[k], v.float()) for k, v in saved.items())
+    assert_pipeline_samples_as_distill(run / "export", 1)
+
+
+def OmegaConf_load(d: Path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(d / "config.yaml")
