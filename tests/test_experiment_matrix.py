@@ -27,14 +27,20 @@ def _real_size_experiments() -> list[str]:
 def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
     cfg = compose_cfg([f"+experiment={name}"])
     frozen = cfg.trainer.mixed_precision if cfg.trainer.mixed_precision in ("bf16", "fp16") else "fp32"
-    shards = (f"data.shards='{data}/tiny_world/train_prompts.txt'" if cfg.data.kind == "prompts"  # data-free
+    prompts = f"{data}/tiny_world/train_prompts.txt"
+    shards = (f"data.shards='{prompts}'" if cfg.data.kind == "prompts"  # data-free
+              else f"data.shards='{out.parent}/pairs'" if cfg.data.kind == "pairs"  # written by the run, below
               else f"data.shards='{data}/tiny_world/train/{{00000..00003}}.tar'")
-    kind = "data.kind=prompts" if cfg.data.kind == "prompts" else "data.kind=images"
-    pairs = []  # a warm-up on teacher ODE pairs: the pairs are data too, written by the run from the tiny prompts
+    kind = f"data.kind={cfg.data.kind if cfg.data.kind in ('prompts', 'pairs') else 'images'}"
+    pairs = []  # teacher ODE pairs are data too: written by the run itself from the tiny prompts, with the tiny model
     if OmegaConf.select(cfg, "method.regression.steps"):
-        pairs = [f"method.regression.pairs.prompts='{data}/tiny_world/train_prompts.txt'",
+        pairs = [f"method.regression.pairs.prompts='{prompts}'",
                  f"method.regression.pairs.shards='{out.parent}/pairs'", "method.regression.pairs.num_pairs=8",
                  "method.regression.pairs.solver_steps=2"]
+    if cfg.data.kind == "pairs":
+        pairs = [f"method.pairs.prompts='{prompts}'", "method.pairs.num_pairs=8", "method.pairs.solver_steps=2"]
+    if OmegaConf.select(cfg, "method.perceptual"):  # a latent perceptual net is a model: the tiny world's
+        pairs.append("method.perceptual=distill:tiny-latent-lpips")
     return [f"+experiment={name}", "+debug=fast", f"model.pretrained={MODELS[cfg.model.pretrained]}", "model.vae=null",
             f"model.frozen_dtype={frozen}", kind, "data.resolution=64", shards, f"output_dir={out}",
             "trainer.checkpoint_every_steps=2", *pairs]  # one checkpoint per stage (its end), not one per step

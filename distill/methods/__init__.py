@@ -15,6 +15,8 @@ _REGISTRY = {
     "dmd2": "distill.methods.dmd2:DMD2",
     "kd": "distill.methods.kd:KD",
     "sim": "distill.methods.sim:SIM",
+    "latent_lpips": "distill.methods.latent_lpips:LatentLPIPS",
+    "d2gan": "distill.methods.d2gan:D2GAN",
 }
 
 
