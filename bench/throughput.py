@@ -62,7 +62,11 @@ METHODS: dict[str, tuple[str, str, int]] = {
     "pad_adversarial": ("lightning_tiny", "lightning_sdxl", 1),
     "dmd2": ("dmd2_tiny", "dmd2_sdxl", 0),  # a step of both phases when the generator is due (see --set)
     "sim": ("sim_tiny", "sim_sdxl", 0),  # generator and fake score, 1:1: every step has both phases
+    "d2gan": ("d2gan_tiny", "d2gan_sdxl", 0),  # generator and discriminator every step
 }
+# what a bench row must not do at build time: write teacher ODE pairs; read a net trained elsewhere (the tiny world's
+# latent perceptual net has SDXL's 4 latent channels: the same cost at SDXL size, not a trained SDXL metric)
+BUILD: dict[str, list[str]] = {"d2gan": ["method.pairs.prompts=null", "method.perceptual=distill:tiny-latent-lpips"]}
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults).
 SDXL_UNET = dict(
@@ -155,7 +159,7 @@ def method_config(name: str, size: str, batch: int, overrides: list[str]):
     paths cleared: every model is the base model here)."""
     tiny = ["model.pretrained=distill:random-world", "data.resolution=32"] if size == "tiny" else []
     return experiment_config(METHODS[name][0 if size == "tiny" else 1], METHODS[name][2], batch,
-                             tiny + list(overrides))
+                             tiny + BUILD.get(name, []) + list(overrides))
 
 
 def experiment_config(experiment: str, stage: int, batch: int | None, overrides: list[str]):
@@ -217,7 +221,8 @@ def synthetic_batch(unet_config, batch: int, latent: int, resolution: int, devic
                     torch.randn(batch, pooled, generator=g),
                     torch.tensor([[r, r, 0, 0, r, r]] * batch, dtype=torch.float32)).to(device)
     latents = torch.randn(batch, c.in_channels, latent, latent, generator=g).to(device)
-    return Batch(latents=latents, cond=cond, captions=["x"] * batch, seeds=list(range(batch)))
+    noise = torch.randn(batch, c.in_channels, latent, latent, generator=g).to(device)  # a pair's (data.kind=pairs)
+    return Batch(latents=latents, cond=cond, captions=["x"] * batch, seeds=list(range(batch)), noise=noise)
 
 
 # -- the passes of the real step ----------------------------------------------------------------------------

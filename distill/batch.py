@@ -79,7 +79,8 @@ def to_batch(raw: dict, comps, input_kind: str, seeds: list[int], device: torch.
     ids = time_ids(raw["original_size"], raw["crop_top_left"], raw["target_size"]).to(device)
     if "latents" in raw:
         lat, emb, pooled = raw["latents"], raw["prompt_embeds"], raw.get("pooled_prompt_embeds")
-        lat = None if input_kind == PROMPTS else lat
+        # a data-free method sees no data latent; a teacher ODE pair's latent is the teacher's own sample (its warm-up)
+        lat = None if input_kind == PROMPTS and "noise" not in raw else lat
     elif input_kind == PROMPTS or "pixels" not in raw:  # a data-free method: captions only, never an image
         lat = None
         emb, pooled = encode_prompts(comps, raw["caption"])
@@ -90,7 +91,7 @@ def to_batch(raw: dict, comps, input_kind: str, seeds: list[int], device: torch.
     cond = UNetCond(encoder_hidden_states=emb.to(device, torch.float32),
                     text_embeds=pooled.to(device, torch.float32) if sdxl else None,
                     time_ids=ids if sdxl else None)
-    noise = raw["noise"].to(device, torch.float32) if "noise" in raw and input_kind != PROMPTS else None
+    noise = raw["noise"].to(device, torch.float32) if "noise" in raw else None
     return Batch(latents=None if lat is None else lat.to(device, torch.float32), cond=cond,
                  captions=list(raw["caption"]), seeds=seeds, noise=noise)
 

@@ -145,24 +145,30 @@ def _unet_state(folder: Path) -> dict:
     return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_one_step_dmd2_warms_up_on_pairs_then_starts_from_that_generator(tiny_data, tmp_path, lora):
-    """dmd2_1step_tiny as shipped, shortened: the run writes its pairs, regresses G on them (no image read, no
-    fake score), and the DMD2 stage starts from the warm-up's export; the export samples in diffusers as distill."""
+@pytest.mark.parametrize("experiment,phase,kind,lora", [("dmd2_1step_tiny", "dmd2", "images", False),
+                                                        ("dmd2_1step_tiny", "dmd2", "images", True),
+                                                        ("sim_warm_tiny", "sim", "prompts", False)])
+def test_one_step_warm_up_on_pairs_then_the_method_starts_from_that_generator(tiny_data, tmp_path, experiment,
+                                                                              phase, kind, lora):
+    """dmd2_1step_tiny and sim_warm_tiny as shipped, shortened: the run writes its pairs, regresses G on them (no
+    image read, no fake score), and the method's stage starts from the warm-up's export; the export samples in
+    diffusers as distill."""
     run = tmp_path / "run"
-    overrides = ["+experiment=dmd2_1step_tiny", "+debug=fast", "trainer.validation_prompts=[]", "data.batch_size=4",
-                 "method.head_channels=8", "method.regression.steps=3", "method.regression.pairs.num_pairs=8",
+    head = ["method.head_channels=8"] if phase == "dmd2" else []
+    overrides = [f"+experiment={experiment}", "+debug=fast", "trainer.validation_prompts=[]", "data.batch_size=4",
+                 *head, "method.regression.steps=3", "method.regression.pairs.num_pairs=8",
                  "method.regression.pairs.solver_steps=2", f"method.regression.pairs.shards={tmp_path}/pairs",
                  f"output_dir={run}", *(["method.lora.enabled=true", "method.lora.rank=4"] if lora else [])]
     train(overrides)
-    warm, dmd = run / "stages" / "00_regression", run / "stages" / "01_dmd2"
+    warm, dmd = run / "stages" / "00_regression", run / "stages" / f"01_{phase}"
     rows = [json.loads(x) for x in (warm / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and all(r.get("data/images_read", 0) == 0 for r in rows)
     assert all("train/loss_regression" in r and "train/loss_dm" not in r for r in rows if "train/loss" in r)
-    assert OmegaConf_load(warm).data.kind == "pairs" and OmegaConf_load(dmd).data.kind == "images"
+    assert OmegaConf_load(warm).data.kind == "pairs" and OmegaConf_load(dmd).data.kind == kind
     assert json.loads((tmp_path / "pairs" / "summary.json").read_text())["pairs"] == 8
     dm_rows = [json.loads(x) for x in (dmd / "metrics.jsonl").read_text().splitlines()]
-    assert any("train/loss_dm" in r for r in dm_rows)
+    assert any("train/fake_loss_denoise" in r or "train/fake_loss" in r for r in dm_rows), dm_rows[-1].keys()
+    assert all(r.get("data/images_read", 0) == 0 for r in dm_rows) or kind == "images"
     # the DMD2 stage's generator starts from the warm-up's export, not from the teacher
     from distill.methods import build_method
     from distill.models import load_components

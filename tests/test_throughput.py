@@ -53,6 +53,7 @@ def test_every_method_gets_a_consistent_row(tp, tmp_path):
     # SIM: every step trains both sides (generator through the teacher and the fake score, then the fake score)
     assert set(rows["sim"]["parts_ms"]) == {"student", "teacher", "target", "d"} | loop
     assert "d" in rows["dmd2"]["parts_ms"]  # the fake score steps every step
+    assert set(rows["d2gan"]["parts_ms"]) == {"student", "target", "d"} | loop  # no teacher in the loop
     md = out.with_suffix(".md").read_text()
     assert all(f"| {name} |" in md for name in tp.METHODS) and "| lcd_full | teacher |" in md
 

@@ -50,13 +50,13 @@ from distill.methods.base import Batch, Method
 from distill.methods.discriminator import latent_side
 from distill.methods.feature_taps import TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
-from distill.methods.pairs import DISTANCES, PairsConfig, check_pairs, ensure_pairs, regression_distance
-from distill.models.adapters import adapters_disabled, add_lora, load_lora
-from distill.models.loader import load_fp32_unet, load_unet, stored_fp32_state
+from distill.methods.pairs import PairRegression, RegressionConfig
+from distill.models.adapters import adapters_disabled
+from distill.models.loader import load_fp32_unet, stored_fp32_state
 from distill.optim import SETTINGS, OptimizerSpec
 from distill.profiling import span
 from distill.sampler import SamplerSpec
-from distill.stages import Stage, stage_folder
+from distill.stages import Stage
 
 
 @dataclass
@@ -73,17 +73,6 @@ class OptimOverrides:
 
 def overrides(o) -> dict:
     return {k: (list(v) if k == "betas" else v) for k, v in dict(o).items() if v is not None and k in SETTINGS}
-
-
-@dataclass
-class RegressionConfig:
-    """The 1-step warm-up on teacher ODE pairs (see the module doc); steps 0: none."""
-
-    steps: int = 0
-    lr: Optional[float] = None  # null: the generator's
-    distance: str = "l2"  # l2 | pseudo_huber, on latents
-    huber_c: float = 0.03
-    pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
 @dataclass
@@ -146,8 +135,9 @@ class GeneratorIO:
                        lora_base=stored_fp32_state(self.g_raw, self.comps) if self.lora else None)
 
 
-class DMD2(GeneratorIO, Method):
+class DMD2(PairRegression, GeneratorIO, Method):
     Config = DMD2Config
+    phase = "dmd2"  # the stage after a regression warm-up
 
     @classmethod
     def check(cls, cfg: DictConfig) -> None:
@@ -172,27 +162,12 @@ class DMD2(GeneratorIO, Method):
             sched = m[side].scheduler
             if sched is not None and sched not in ("constant", "linear", "cosine"):
                 raise ConfigError(f"method.{side}.scheduler={sched!r}: expected constant | linear | cosine")
-        r = m.regression
-        if r.steps < 0:
-            raise ConfigError(f"method.regression.steps={r.steps} must be >= 0 (0: no warm-up)")
-        if r.steps:
-            if len(ts) != 1:
-                raise ConfigError(f"method.regression.steps={r.steps}: the pair regression is a 1-step student's "
-                                  f"warm-up, but method.student_timesteps={ts} has {len(ts)} steps")
-            if r.distance not in DISTANCES:
-                raise ConfigError(f"method.regression.distance={r.distance!r}: expected one of {DISTANCES}")
-            check_pairs(r.pairs, "method.regression.pairs")
+        cls.check_regression(m, one_step=len(ts) == 1)
 
     @classmethod
     def plan(cls, cfg: DictConfig, run_dir: Path) -> list[Stage]:
         """One stage; two with a regression warm-up (on pair shards, then DMD2 from its export)."""
-        r = cfg.method.regression
-        if not r.steps:
-            return super().plan(cfg, run_dir)
-        first, second = stage_folder(run_dir, 0, "regression"), stage_folder(run_dir, 1, "dmd2")
-        return [Stage("regression", 0, first, info={"phase": "regression"}, trainer={"max_steps": int(r.steps)},
-                      data={"kind": "pairs", "shards": r.pairs.shards}),
-                Stage("dmd2", 1, second, info={"phase": "dmd2", "generator_init": str(first / "export")})]
+        return cls.regression_plan(cfg, run_dir) or super().plan(cfg, run_dir)
 
     def __init__(self, cfg: DictConfig, comps, device: torch.device, stage=None):
         super().__init__(cfg, comps, device, stage)
@@ -200,12 +175,8 @@ class DMD2(GeneratorIO, Method):
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.timesteps = torch.tensor(list(m.student_timesteps), dtype=torch.long, device=device)
         self.teacher = comps.unet.requires_grad_(False).eval()
-        info = stage.info if stage is not None else {}
-        self.regression = info.get("phase") == "regression"  # the 1-step warm-up stage: G alone, on pairs
-        init = info.get("generator_init")  # the warm-up's export, for the DMD2 stage after it
+        init = self.regression_setup(stage, m.guidance_scale)  # the warm-up stage: G alone, on pairs
         self.gan = m.gan_generator_weight > 0 and not self.regression
-        if self.regression:
-            ensure_pairs(m.regression.pairs, cfg, self.teacher, m.guidance_scale)
         self.fake = fake_unet = None
         if not self.regression:  # the fake score: a trainable fp32 copy of the teacher as stored (before LoRA)
             fake_unet = load_fp32_unet(comps, device).to(device)
@@ -215,17 +186,7 @@ class DMD2(GeneratorIO, Method):
             self.fake.to(device).train()
             if not self.gan:  # the head is computed but never trained: no parameter left without a gradient (DDP)
                 self.fake.heads.requires_grad_(False)
-        self.lora = bool(m.lora.enabled)
-        if self.lora:  # one base in memory for G and the real score: adapters on = G, off = the teacher
-            self.generator = self.teacher
-            self.trainable = add_lora(self.generator, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-            if init:
-                load_lora(self.generator, str(Path(init) / "lora"))
-        else:
-            self.generator = (load_unet(str(Path(init) / "unet"), torch.float32, device) if init
-                              else load_fp32_unet(comps, device).to(device)).requires_grad_(True)
-            self.trainable = list(self.generator.parameters())
-        self.generator_init = init
+        self.build_generator(init, device)  # a LoRA on the teacher's own base (adapters off = the teacher) or full
         self.generator.train()
         if cfg.trainer.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
@@ -240,9 +201,7 @@ class DMD2(GeneratorIO, Method):
     def optimizers(self) -> list[OptimizerSpec]:
         m = self.cfg.method
         if self.regression:  # G alone, every step
-            lr = {"lr": m.regression.lr} if m.regression.lr is not None else {}
-            return [OptimizerSpec("g", [{"params": self.trainable}], overrides={**overrides(m.generator), **lr},
-                                  primary=True)]
+            return self.regression_optimizers(overrides(m.generator))
         fake_params = list(self.fake.backbone.parameters()) + (list(self.fake.heads.parameters()) if self.gan else [])
         return [OptimizerSpec("g", [{"params": self.trainable}], overrides=overrides(m.generator),
                               every_n_steps=m.generator_every_n_steps, primary=True),
@@ -291,20 +250,8 @@ class DMD2(GeneratorIO, Method):
     # -- losses --------------------------------------------------------------------------------------------
     def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
         if self.regression:
-            return self._regression_losses(batch)
+            return self.regression_losses(batch, int(self.timesteps[0]), self._generator_x0)
         return self._generator_losses(batch, step) if phase == "g" else self._fake_losses(batch, step)
-
-    def _regression_losses(self, batch: Batch) -> dict[str, Tensor]:
-        """G's one step from each pair's noise (pure noise at t_0, as it samples) against the teacher's solution."""
-        if batch.noise is None:
-            raise ValueError("the regression stage trains on teacher ODE pairs: its batches need the pairs' noise "
-                             "(data.kind=pairs, shards from `python -m distill.prepare pairs`)")
-        r = self.cfg.method.regression
-        t = self.timesteps[0].expand(batch.noise.shape[0])
-        with span("student"):
-            x0 = self._generator_x0(self.modules["generator"], batch.noise, t, batch.cond).float()
-        loss = regression_distance(x0, batch.latents, r.distance, r.huber_c)
-        return {"loss": loss, "loss_regression": loss.detach()}
 
     def _generator_losses(self, batch: Batch, step: int) -> dict[str, Tensor]:
         m, cond = self.cfg.method, batch.cond

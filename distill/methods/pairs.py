@@ -4,7 +4,7 @@ pair set that a run writes for itself when it is missing (`distill.prepare.make_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -69,3 +69,104 @@ def regression_distance(x0: Tensor, target: Tensor, distance: str, huber_c: floa
     if distance == "pseudo_huber":
         d = torch.sqrt(d + huber_c ** 2) - huber_c
     return d.mean()
+
+
+@dataclass
+class RegressionConfig:
+    """A one-step generator's warm-up on teacher ODE pairs (DMD2's 1-step recipe): a first stage of `steps` steps
+    regressing G's one step from each pair's noise onto the teacher's solution from it; steps 0: none."""
+
+    steps: int = 0
+    lr: Optional[float] = None  # null: the generator's
+    distance: str = "l2"  # l2 | pseudo_huber, on latents
+    huber_c: float = 0.03
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+
+
+class PairRegression:
+    """What a one-step generator method (DMD2, SIM) needs for the regression warm-up stage: the two-stage plan,
+    the pairs (written when missing), the generator built from the warm-up's export, its optimizer and its loss.
+    The method's `method.regression` is a RegressionConfig; `phase` names its second stage."""
+
+    phase = "main"
+
+    @classmethod
+    def check_regression(cls, m, one_step: bool) -> None:
+        r = m.regression
+        if r.steps < 0:
+            raise ConfigError(f"method.regression.steps={r.steps} must be >= 0 (0: no warm-up)")
+        if not r.steps:
+            return
+        if not one_step:
+            raise ConfigError(f"method.regression.steps={r.steps}: the pair regression is a 1-step student's "
+                              f"warm-up, but method.student_timesteps={list(m.student_timesteps)} has "
+                              f"{len(m.student_timesteps)} steps")
+        if r.distance not in DISTANCES:
+            raise ConfigError(f"method.regression.distance={r.distance!r}: expected one of {DISTANCES}")
+        check_pairs(r.pairs, "method.regression.pairs")
+
+    @classmethod
+    def regression_plan(cls, cfg, run_dir):
+        """None without a warm-up; else [regression on the pair shards, the method from its export]."""
+        from distill.stages import Stage, stage_folder
+
+        r = cfg.method.regression
+        if not r.steps:
+            return None
+        first, second = stage_folder(run_dir, 0, "regression"), stage_folder(run_dir, 1, cls.phase)
+        return [Stage("regression", 0, first, info={"phase": "regression"}, trainer={"max_steps": int(r.steps)},
+                      data={"kind": "pairs", "shards": r.pairs.shards}),
+                Stage(cls.phase, 1, second, info={"phase": cls.phase, "generator_init": str(first / "export")})]
+
+    def regression_setup(self, stage, guidance: float) -> str | None:
+        """Sets `self.regression` (this is the warm-up stage: pairs written if missing); returns the export the
+        generator starts from (the warm-up's, in the stage after it) or None."""
+        info = stage.info if stage is not None else {}
+        self.regression = info.get("phase") == "regression"
+        if self.regression:
+            ensure_pairs(self.cfg.method.regression.pairs, self.cfg, self.teacher, guidance)
+        return info.get("generator_init")
+
+    def build_generator(self, init: str | None, device) -> None:
+        """G: a LoRA on the teacher's own UNet (one base for G and the real score) or a full fp32 copy; from the
+        warm-up's export `init` when given. Sets self.lora, self.generator, self.trainable."""
+        from pathlib import Path
+
+        from distill.models.adapters import add_lora, load_lora
+        from distill.models.loader import load_fp32_unet, load_unet
+
+        m = self.cfg.method
+        self.lora = bool(m.lora.enabled)
+        if self.lora:
+            self.generator = self.teacher
+            self.trainable = add_lora(self.generator, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+            if init:
+                load_lora(self.generator, str(Path(init) / "lora"))
+        else:
+            self.generator = (load_unet(str(Path(init) / "unet"), torch.float32, device) if init
+                              else load_fp32_unet(self.comps, device).to(device)).requires_grad_(True)
+            self.trainable = list(self.generator.parameters())
+        self.generator_init = init
+
+    def regression_optimizers(self, generator_overrides: dict):
+        from distill.optim import OptimizerSpec
+
+        lr = self.cfg.method.regression.lr
+        return [OptimizerSpec("g", [{"params": self.trainable}],
+                              overrides={**generator_overrides, **({"lr": lr} if lr is not None else {})},
+                              primary=True)]
+
+    def regression_losses(self, batch, timestep: int, x0_of) -> dict:
+        """G's one step from each pair's noise (pure noise at `timestep`, as it samples) against the teacher's
+        solution; `x0_of(unet, x, t, cond)` is the method's own generator call."""
+        from distill.profiling import span
+
+        if batch.noise is None:
+            raise ValueError("the regression stage trains on teacher ODE pairs: its batches need the pairs' noise "
+                             "(data.kind=pairs, shards from `python -m distill.prepare pairs`)")
+        r = self.cfg.method.regression
+        t = torch.full((batch.noise.shape[0],), int(timestep), dtype=torch.long, device=batch.noise.device)
+        with span("student"):
+            x0 = x0_of(self.modules["generator"], batch.noise, t, batch.cond).float()
+        loss = regression_distance(x0, batch.latents, r.distance, r.huber_c)
+        return {"loss": loss, "loss_regression": loss.detach()}

@@ -42,7 +42,8 @@ from distill.methods.base import Batch, Method
 from distill.methods.discriminator import latent_side
 from distill.methods.dmd2 import GeneratorIO, OptimOverrides, denoising_target, overrides
 from distill.methods.gan import frozen
-from distill.models.adapters import adapters_disabled, add_lora
+from distill.methods.pairs import PairRegression, RegressionConfig
+from distill.models.adapters import adapters_disabled
 from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -65,6 +66,8 @@ class SIMConfig:
     generator_every_n_steps: int = 1  # the fake score steps every step, G every n-th (1: SiD's 1:1)
     generator: OptimOverrides = field(default_factory=OptimOverrides)
     fake: OptimOverrides = field(default_factory=OptimOverrides)
+    # a first stage regressing G on teacher ODE pairs (from prompts too: still no training image), then SIM
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
 
 
 def sim_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, distance: str = "pseudo_huber", c: float = 0.03,
@@ -97,8 +100,9 @@ def _teacher_pass(unet: nn.Module):
             unet.enable_gradient_checkpointing()
 
 
-class SIM(GeneratorIO, Method):
+class SIM(PairRegression, GeneratorIO, Method):
     Config = SIMConfig
+    phase = "sim"  # the stage after a regression warm-up
     input_kind = "prompts"  # data-free: UNet conditioning from captions; no image or data latent is used
 
     @classmethod
@@ -121,6 +125,12 @@ class SIM(GeneratorIO, Method):
             sched = m[side].scheduler
             if sched is not None and sched not in ("constant", "linear", "cosine"):
                 raise ConfigError(f"method.{side}.scheduler={sched!r}: expected constant | linear | cosine")
+        cls.check_regression(m, one_step=True)
+
+    @classmethod
+    def plan(cls, cfg: DictConfig, run_dir):
+        """One stage; two with a regression warm-up on teacher ODE pairs (then SIM from its export)."""
+        return cls.regression_plan(cfg, run_dir) or super().plan(cfg, run_dir)
 
     def __init__(self, cfg: DictConfig, comps, device: torch.device, stage=None):
         super().__init__(cfg, comps, device, stage)
@@ -129,30 +139,30 @@ class SIM(GeneratorIO, Method):
         self.teacher = comps.unet.requires_grad_(False).eval()
         side = latent_side(comps, cfg.data.resolution)
         self.latent_shape = (int(self.teacher.config.in_channels), side, side)
-        self.fake = load_fp32_unet(comps, device).to(device).requires_grad_(True).train()
-        self.lora = bool(m.lora.enabled)
-        if self.lora:  # one base in memory for G and the real score: adapters on = G, off = the teacher
-            self.generator = self.teacher
-            self.trainable = add_lora(self.generator, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-        else:
-            self.generator = load_fp32_unet(comps, device).to(device).requires_grad_(True)
-            self.trainable = list(self.generator.parameters())
+        init = self.regression_setup(stage, m.guidance_scale)  # the warm-up stage: G alone, on pairs
+        self.fake = None if self.regression else load_fp32_unet(comps, device).to(device).requires_grad_(True).train()
+        self.build_generator(init, device)  # a LoRA on the teacher's own base (adapters off = the teacher) or full
         self.generator.train()
         if cfg.trainer.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
-            self.fake.enable_gradient_checkpointing()
+            if self.fake is not None:
+                self.fake.enable_gradient_checkpointing()
         self.student = self.generator  # the model being distilled, by the name the benches read
-        self.modules = {"generator": self.generator, "fake": self.fake}
+        self.modules = {"generator": self.generator}
+        if self.fake is not None:
+            self.modules["fake"] = self.fake
         self.g_raw, self.fake_raw = self.generator, self.fake
 
     def optimizers(self) -> list[OptimizerSpec]:
         m = self.cfg.method
+        if self.regression:
+            return self.regression_optimizers(overrides(m.generator))
         return [OptimizerSpec("g", [{"params": self.trainable}], overrides=overrides(m.generator),
                               every_n_steps=m.generator_every_n_steps, primary=True),
                 OptimizerSpec("fake", [{"params": list(self.fake.parameters())}], overrides=overrides(m.fake))]
 
     def phase_scope(self, phase: str):
-        return frozen(self.fake_raw) if phase == "g" else contextlib.nullcontext()
+        return frozen(self.fake_raw) if phase == "g" and self.fake is not None else contextlib.nullcontext()
 
     # -- the networks ---------------------------------------------------------------------------------------
     def real_score(self) -> Denoiser:
@@ -170,12 +180,14 @@ class SIM(GeneratorIO, Method):
         with self.autocast():
             return Denoiser(unet, self.schedule).x0_eps(z, t, batch.cond)[0].float()
 
-    def _fake_x0(self, net: nn.Module, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
+    def _x0(self, net: nn.Module, x: Tensor, t: Tensor, cond: UNetCond) -> Tensor:
         with self.autocast():
             return Denoiser(net, self.schedule).x0_eps(x, t, cond)[0].float()
 
     # -- losses -------------------------------------------------------------------------------------------
     def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
+        if self.regression:
+            return self.regression_losses(batch, int(self.cfg.method.timestep), self._x0)
         return self._generator_losses(batch) if phase == "g" else self._fake_losses(batch)
 
     def _generator_losses(self, batch: Batch) -> dict[str, Tensor]:
@@ -190,7 +202,7 @@ class SIM(GeneratorIO, Method):
             out = real.guided(x_t, t, cond, cond.zeros_like(), m.guidance_scale, form="standard").float()
             x0_real = real.x0_eps(x_t, t, cond, out)[0].float()
         with span("target"):  # the fake score's parameters frozen by phase_scope; its input carries the graph
-            x0_fake = self._fake_x0(self.fake_raw, x_t, t, cond)
+            x0_fake = self._x0(self.fake_raw, x_t, t, cond)
         loss = sim_loss(x0, x0_real, x0_fake, m.distance, m.huber_c, m.alpha)
         with torch.no_grad():
             gap = (x0_real - x0_fake).pow(2).mean().sqrt()
