@@ -26,6 +26,8 @@ class Batch:
     captions: list[str]
     pixels: Tensor | None = None
     noise: Tensor | None = None  # data.kind=pairs: the noise the teacher's ODE solve of `latents` started from
+    states: Tensor | None = None  # pairs with states: (B, K, C, h, w), x on the solve's path at state_timesteps
+    state_timesteps: Tensor | None = None  # (B, K)
     seeds: list[int] = field(default_factory=list)  # one per sample: its random draws never depend on batching
 
     def generators(self, tag: str) -> list[torch.Generator]:
@@ -42,6 +44,20 @@ class Batch:
 
     def randint(self, tag: str, low: int, high: int, device: torch.device) -> Tensor:
         return torch.stack([torch.randint(low, high, (), generator=g) for g in self.generators(tag)]).to(device)
+
+    def state_at(self, t: Tensor) -> Tensor:
+        """x on each sample's teacher trajectory at timestep t[i] (trajectory-state data: MLCM's x_t)."""
+        if self.states is None:
+            raise ValueError("trajectory states are needed (method.trajectory=true): pair shards written with "
+                             "`python -m distill.prepare pairs --states` (data.kind=pairs)")
+        hit = self.state_timesteps.to(t.device) == t[:, None]
+        if not bool(hit.any(1).all()):
+            missing = sorted(set(t[~hit.any(1)].tolist()))
+            raise ValueError(f"timesteps {missing} are not on the pairs' trajectory (its timesteps: "
+                             f"{self.state_timesteps[0].tolist()}): write the pairs with as many DDIM steps as the "
+                             "method's skip grid (method.num_ddim_timesteps)")
+        idx = hit.float().argmax(1)
+        return self.states[torch.arange(len(t), device=self.states.device), idx.to(self.states.device)]
 
     @property
     def size(self) -> int:
@@ -92,8 +108,10 @@ def to_batch(raw: dict, comps, input_kind: str, seeds: list[int], device: torch.
                     text_embeds=pooled.to(device, torch.float32) if sdxl else None,
                     time_ids=ids if sdxl else None)
     noise = raw["noise"].to(device, torch.float32) if "noise" in raw else None
+    states = raw["states"].to(device, torch.float32) if "states" in raw else None
     return Batch(latents=None if lat is None else lat.to(device, torch.float32), cond=cond,
-                 captions=list(raw["caption"]), seeds=seeds, noise=noise)
+                 captions=list(raw["caption"]), seeds=seeds, noise=noise, states=states,
+                 state_timesteps=raw.get("state_timesteps"))
 
 
 def prompt_cond(comps, prompts: list[str], resolution: int, device: torch.device) -> UNetCond:

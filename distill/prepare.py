@@ -202,10 +202,10 @@ def shard_keys(output: str | Path) -> set[str]:
 
 
 def pairs_settings(model: str, prompts: object, steps: int, guidance: float, solver: str, resolution: int,
-                   seed: int, limit: int | None) -> dict:
+                   seed: int, limit: int | None, states: bool = False) -> dict:
     return {"model": str(model), "prompts": prompts if isinstance(prompts, (str, list)) else str(prompts),
             "solver": solver, "steps": int(steps), "guidance": float(guidance), "resolution": int(resolution),
-            "seed": int(seed), "limit": limit, "spacing": "trailing"}
+            "seed": int(seed), "limit": limit, "spacing": "trailing", "states": bool(states)}
 
 
 def pairs_complete(output: str | Path, settings: dict) -> bool:
@@ -226,19 +226,21 @@ def pairs_complete(output: str | Path, settings: dict) -> bool:
 def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 25, guidance: float = 5.0,
                solver: str = "ddim", resolution: int = 1024, batch_size: int = 8, seed: int = 0,
                samples_per_shard: int = 1000, limit: int | None = None, dtype: str = "float32",
-               caption_keys: list[str] | None = None, unet=None) -> dict:
+               caption_keys: list[str] | None = None, unet=None, states: bool = False) -> dict:
     """Teacher ODE pairs for this process's share (every world_size-th prompt, Accelerate's process index/count):
     seeded noise (fp32), the teacher's deterministic `solver` solve from it with CFG `guidance` on `steps` trailing
     timesteps (KEY.latents.npy, fp16), and the prompt embeddings (fp16). Keys already in `output` are skipped (a
     resume, with any process count); settings that differ from the output's `pairs.json` are refused, naming them.
     Ends with a count check on the main process: every prompt's pair must be in the shards. `unet`: the teacher
-    already in memory (a training run that writes its own pairs), else loaded from `model`."""
+    already in memory (a training run that writes its own pairs), else loaded from `model`. `states` (DDIM): also
+    the solve's trajectory (KEY.states.npy (steps, C, h, w) fp16: x at each timestep it visits, from 999 down,
+    before its step there; the timesteps in KEY.json), the trajectory-state data of MLCM-style training."""
     import torch
     from accelerate import PartialState
     from tqdm import tqdm
 
     from distill.batch import prompt_cond
-    from distill.diffusion import Fp32Io, NoiseSchedule, seeded_noise
+    from distill.diffusion import Fp32Io, NoiseSchedule, inference_timesteps, sample_teacher, seeded_noise
     from distill.methods.discriminator import latent_side
     from distill.models import load_components
     from distill.sampler import SamplerSpec
@@ -247,10 +249,12 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
         raise ValueError(f"pairs solver={solver!r}: expected one of {PAIR_SOLVERS} (deterministic solves)")
     if steps < 1:
         raise ValueError(f"pairs steps={steps} must be >= 1")
+    if states and solver != "ddim":
+        raise ValueError(f"pairs with states record the DDIM path: solver={solver!r}")
     state = PartialState(cpu=not torch.cuda.is_available())
     rank, world = state.process_index, state.num_processes
     out = Path(output)
-    settings = pairs_settings(model, prompts, steps, guidance, solver, resolution, seed, limit)
+    settings = pairs_settings(model, prompts, steps, guidance, solver, resolution, seed, limit, states)
     manifest = out / PAIRS_MANIFEST
     solve = {k: v for k, v in settings.items() if k != "limit"}  # what every pair of the folder shares
     if state.is_main_process:
@@ -275,6 +279,7 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
     schedule = NoiseSchedule.from_config(comps.scheduler_config)
     shape = (int(unet.config.in_channels), latent_side(comps, resolution), latent_side(comps, resolution))
     spec = SamplerSpec(solver, (steps,), guidance)
+    visited = inference_timesteps(steps, "trailing", schedule.num_train_timesteps, schedule.steps_offset, "ddim").tolist()
     indices = [int(p.name.split("-")[0]) for p in out.glob(f"*-rank{rank:03d}.tar")]
     bar = tqdm(total=len(mine), unit="pair", desc=f"pairs rank {rank}", position=rank)
     t0, written = time.time(), 0
@@ -286,7 +291,12 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
             seeds = [pair_seed(seed, k) for k in keys]
             noise = seeded_noise(seeds, (len(keys), *shape), state.device, torch.float32)
             cond = prompt_cond(comps, caps, resolution, state.device)
-            lat = spec.sample(Fp32Io(unet), noise, cond, schedule, steps, seeds, uncond=cond.zeros_like())
+            path: list | None = [] if states else None
+            if states:
+                lat = sample_teacher(Fp32Io(unet), noise, cond, cond.zeros_like(), schedule, steps, "ddim", guidance,
+                                     "trailing", states=path)
+            else:
+                lat = spec.sample(Fp32Io(unet), noise, cond, schedule, steps, seeds, uncond=cond.zeros_like())
             for j, key in enumerate(keys):
                 meta = {"caption": caps[j], "original_size": [resolution, resolution], "crop_top_left": [0, 0],
                         "target_size": [resolution, resolution], "model": str(model), "arch": comps.arch,
@@ -297,6 +307,9 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
                          "txt": caps[j], "json": meta}
                 if cond.text_embeds is not None:
                     files["pooled_prompt_embeds.npy"] = cond.text_embeds[j].to("cpu", torch.float16)
+                if path is not None:
+                    files["states.npy"] = torch.stack([x[j] for x in path]).to("cpu", torch.float16)
+                    meta["pair"]["state_timesteps"] = [int(t) for t in visited]
                 writer.write(key, files)
             written += len(keys)
             bar.update(len(keys))
@@ -351,12 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--states", action="store_true", help="also store the DDIM path (trajectory-state data, MLCM)")
     args = parser.parse_args(argv)
     if args.command == "pairs":
         summary = make_pairs(args.prompts, args.model, args.output, steps=args.steps, guidance=args.guidance,
                              solver=args.solver, resolution=args.resolution, batch_size=args.batch_size,
                              seed=args.seed, samples_per_shard=args.samples_per_shard, limit=args.limit,
-                             dtype=args.dtype)
+                             dtype=args.dtype, states=args.states)
         print(json.dumps(summary))
         return 0
     if args.command == "shards":

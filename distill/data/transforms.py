@@ -173,6 +173,12 @@ def pair_sample(raw: dict, cfg: DataConfig, rng: random.Random) -> dict:
         raise Rejected("missing_noise", "a pair needs KEY.noise.npy (shards from `python -m distill.prepare pairs`)")
     out = latent_sample(raw, cfg, rng)
     out["noise"] = _npy(raw, "noise.npy")
+    if "states.npy" in raw:  # the solve's trajectory, from 999 down (`prepare pairs --states`)
+        try:
+            ts = [int(t) for t in _json(raw)["pair"]["state_timesteps"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise Rejected("bad_json", f"states.npy without pair.state_timesteps: {e}") from e
+        out["states"], out["state_timesteps"] = _npy(raw, "states.npy"), ts
     return out
 
 
@@ -192,11 +198,13 @@ def collate(samples: list[dict]) -> dict:
     if "pixels" in first:
         u8 = torch.from_numpy(np.stack([s["pixels"] for s in samples]))  # (B, R, R, 3)
         batch["pixels"] = u8.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)  # permute the bytes
-    for name in ("latents", "noise", "prompt_embeds", "pooled_prompt_embeds"):
+    for name in ("latents", "noise", "states", "prompt_embeds", "pooled_prompt_embeds"):
         if name in first:
             if any(name not in s for s in samples):
                 raise ValueError(f"{name} present in some samples of a batch only (mixed shards?)")
             batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+    if "state_timesteps" in first:
+        batch["state_timesteps"] = torch.tensor([s["state_timesteps"] for s in samples], dtype=torch.long)
     for name in ("original_size", "crop_top_left", "target_size"):
         batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.long)
     for name in ("caption", "key", "url"):

@@ -88,6 +88,7 @@ def sample_teacher(
     solver: str = "ddim",
     guidance_scale: float = 5.0,
     spacing: str = "trailing",
+    states: list[Tensor] | None = None,
 ) -> Tensor:
     """Sample a many-step teacher with classifier-free guidance (standard form, one 2B forward per step).
 
@@ -95,8 +96,11 @@ def sample_teacher(
     (DPMSolverMultistepScheduler defaults). As in diffusers' pipelines, guidance_scale <= 1 or uncond None
     runs the cond branch alone. DDIM steps from t to t - T // num_steps exactly as DDIMScheduler does; the
     step past 0 lands on abar = 1 when the schedule's set_alpha_to_one is true (DDIM's default) and on abar_0
-    otherwise (SDXL's and SD 1.5's configs say false).
+    otherwise (SDXL's and SD 1.5's configs say false). `states` (DDIM only): a list that receives x at every
+    timestep the solve visits, before its step there (the first is the input noise).
     """
+    if states is not None and solver != "ddim":
+        raise ValueError(f"states are recorded on the DDIM path only, not solver={solver!r}")
     uncond = uncond if guidance_scale > 1 else None
     T = schedule.num_train_timesteps
 
@@ -109,6 +113,8 @@ def sample_teacher(
         for t in inference_timesteps(num_steps, spacing, T, schedule.steps_offset, "ddim").tolist():
             prev = t - stride
             prev = prev if prev >= 0 else (-1 if schedule.set_alpha_to_one else 0)
+            if states is not None:
+                states.append(x)
             x = move(x, predict(x, t), _batch_t(t, x), _batch_t(prev, x), schedule)
         return x
     if solver == "euler":

@@ -28,6 +28,7 @@ class PairsConfig:
     guidance_scale: Optional[float] = None  # the solve's CFG; null: the method's guidance_scale
     seed: int = 0  # the set's noise seed (each pair's noise from it and the sample key)
     batch_size: int = 32
+    states: bool = False  # also store the DDIM path (trajectory-state data)
 
 
 def check_pairs(p, key: str) -> None:
@@ -56,10 +57,12 @@ def ensure_pairs(p, cfg, unet, guidance: float) -> None:
                                     "method.regression.pairs.prompts is not set: write them with `python -m "
                                     "distill.prepare pairs`, or set prompts to write them here")
         return
-    settings = pairs_settings(cfg.model.pretrained, p.prompts, p.solver_steps, g, p.solver, res, p.seed, p.num_pairs)
+    settings = pairs_settings(cfg.model.pretrained, p.prompts, p.solver_steps, g, p.solver, res, p.seed, p.num_pairs,
+                              p.states)
     if not pairs_complete(p.shards, settings):
         make_pairs(p.prompts, cfg.model.pretrained, p.shards, steps=p.solver_steps, guidance=g, solver=p.solver,
-                   resolution=res, batch_size=p.batch_size, seed=p.seed, limit=p.num_pairs, unet=unet)
+                   resolution=res, batch_size=p.batch_size, seed=p.seed, limit=p.num_pairs, unet=unet,
+                   states=p.states)
 
 
 def regression_distance(x0: Tensor, target: Tensor, distance: str, huber_c: float) -> Tensor:

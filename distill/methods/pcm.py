@@ -18,12 +18,18 @@ Pseudo-Huber (or L2) between the two.
 distance to the edge, f = c_skip(t - e) x_t + c_out(t - e) jump). K = 1 with "lcm" is LCD exactly.
 `method.target`: "edge" (PCM) or "tcd": both branches jump to one random s in [e_j, t_{n-1}] instead of the edge.
 
+Trajectory-state data (MLCM, arXiv 2406.05768): with `method.trajectory` x_{t_n} is not a data latent noised to t_n
+but the state the teacher's own guided DDIM solve from pure noise reached at t_n (pairs shards written with
+`prepare pairs --states` at N steps and CFG w + 1: their timesteps are the skip grid), so a run needs prompts only
+(`method.pairs.prompts`: the run writes them; data/images_read stays 0).
+
 Networks as LCD: a LoRA student (the teacher is the same UNet with adapters off; target = the student under
 stop-grad; w fixed) or a full student (zero-initialised w-embedding, EMA target).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor
 
 from distill.config import ConfigError, LoraConfig
+from distill.methods.pairs import PairsConfig, check_pairs, ensure_pairs
 from distill.diffusion import Denoiser, UNetCond, add_noise, inference_timesteps
 from distill.methods.base import Batch
 from distill.methods.lcd import LCD, check_guidance_and_loss, pseudo_huber
@@ -59,6 +66,8 @@ class PCMConfig:
     sigma_data: float = 0.5  # boundary=lcm only
     ema_decay: float = 0.95  # per step; an alias of ema_half_life_images, which wins when set
     ema_half_life_images: Optional[float] = None
+    trajectory: bool = False  # x_t from the teacher's own solve (pairs with states), not noised data (MLCM)
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # trajectory: written by the run when prompts is set
 
 
 def segment_edges(num_train_timesteps: int, num_segments: int) -> Tensor:
@@ -95,6 +104,32 @@ class PCM(LCD):
             raise ConfigError(f"method.num_segments={m.num_segments} must divide method.num_ddim_timesteps="
                               f"{m.num_ddim_timesteps}: the segment edges j * 1000 / K - 1 (the K-step trailing DDIM "
                               "timesteps the student samples) must be points of the skip grid")
+        if m.trajectory:
+            if cfg.data.kind != "pairs":
+                raise ConfigError(f"method.trajectory=true reads the teacher's trajectory from pair shards: data.kind="
+                                  f"{cfg.data.kind}, expected pairs (written by `prepare pairs --states`)")
+            if m.w_min != m.w_max:
+                raise ConfigError(f"method.trajectory=true: the trajectories were solved at one CFG scale, so w is "
+                                  f"fixed: set method.w_min = method.w_max (now {m.w_min}, {m.w_max})")
+            p = m.pairs
+            if p.prompts is not None:
+                check_pairs(_with_shards(p, cfg), "method.pairs")
+                if not p.states or p.solver != "ddim" or p.solver_steps != m.num_ddim_timesteps:
+                    raise ConfigError(f"method.pairs: trajectory pairs need states=true, solver=ddim and solver_steps="
+                                      f"method.num_ddim_timesteps={m.num_ddim_timesteps} (the skip grid is the solve's "
+                                      "timesteps)")
+                if p.guidance_scale is not None and p.guidance_scale != m.w_min + 1:
+                    raise ConfigError(f"method.pairs.guidance_scale={p.guidance_scale}: the trajectory's CFG must be "
+                                      f"the teacher step's, w + 1 = {m.w_min + 1}")
+
+    def __init__(self, cfg, comps, device, stage=None):
+        super().__init__(cfg, comps, device, stage)
+        m = cfg.method
+        if m.trajectory and m.pairs.prompts is not None:  # write the trajectories if they are not there yet
+            from distill.models.adapters import adapters_disabled
+
+            with adapters_disabled(self.teacher) if self.lora else contextlib.nullcontext():
+                ensure_pairs(_with_shards(m.pairs, cfg), cfg, self.teacher, float(m.w_min) + 1.0)
 
     # -- the objective -----------------------------------------------------------------------------------------
     def _jump(self, unet, x: Tensor, t: Tensor, to: Tensor, cond: UNetCond) -> Tensor:
@@ -125,7 +160,7 @@ class PCM(LCD):
         t = self.grid[idx]
         s = (t - self.k).clamp(min=0)  # t_{n-1}; the bottom point clamps to 0 as in LCD
         eps = batch.randn("eps", tuple(x0.shape[1:]), dev)
-        x_t = add_noise(x0, eps, t, self.schedule)
+        x_t = batch.state_at(t) if m.trajectory else add_noise(x0, eps, t, self.schedule)
         w = self._w(batch, dev)
         student_cond = self._cond(cond, w)
         to = self.targets_of(batch, idx, s)
@@ -172,3 +207,10 @@ class PCM(LCD):
         export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
                        base_path=self.comps.path,
                        lora_base=stored_fp32_state(self.student, self.comps) if self.lora else None)
+
+
+def _with_shards(p, cfg):
+    """The pairs settings with their folder: method.pairs.shards, or data.shards when that is unset."""
+    from omegaconf import DictConfig
+
+    return DictConfig({**dict(p), "shards": p.shards or cfg.data.shards})
