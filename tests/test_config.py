@@ -28,6 +28,8 @@ def test_every_group_option_composes(group):
         extra = []
         if (group, option.split("_")[0]) == ("method", "sim"):  # a one-step student validates at 1 step
             extra = ["trainer.validation_steps=[1]"]
+        if (group, option) == ("method", "d2gan"):  # one step, on teacher ODE pairs
+            extra = ["trainer.validation_steps=[1]", "data=pairs"]
         if group == "data" and "prompts" in option:  # captions only: a data-free method
             extra = ["method=sim", "trainer.validation_steps=[1]"]
         cfg = _compose([f"{group}={option}", "data.shards='/x/{0..1}.tar'", *extra])
