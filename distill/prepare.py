@@ -214,7 +214,7 @@ def pairs_complete(output: str | Path, settings: dict) -> bool:
     if not summary.exists():
         return False
     done = json.loads(summary.read_text())
-    if not done.get("complete") or done.get("settings") != settings:
+    if not done.get("complete") or {"states": False, **done.get("settings", {})} != settings:
         return False
     counted = 0
     for tar in Path(output).glob("*.tar"):
@@ -262,7 +262,7 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
         if not manifest.exists():
             manifest.write_text(json.dumps(solve, indent=1))
     state.wait_for_everyone()
-    old = json.loads(manifest.read_text())
+    old = {"states": False, **json.loads(manifest.read_text())}  # folders written before states existed have none
     changed = sorted(k for k in set(old) | set(solve) if old.get(k) != solve.get(k))
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} there, {solve.get(k)!r} now" for k in changed)
