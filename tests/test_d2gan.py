@@ -210,3 +210,16 @@ def test_latent_lpips_trains_and_its_export_drives_d2gan(tiny_data, tmp_path):
     run = train(["+experiment=d2gan_tiny", *FAST[:-1], "method.pairs.num_pairs=8", "method.pairs.solver_steps=2",
                  f"data.shards={tmp_path}/pairs", f"method.perceptual={net_run}/export", f"output_dir={tmp_path}/g"])
     assert (run / "checkpoints" / "step_2").exists()
+
+
+def test_the_hybrid_distance_adds_latent_l2_to_the_perceptual_one(tmp_path):
+    from distill.methods.pairs import regression_distance
+
+    _, comps, m = _method(tmp_path, "method.ensemble=false")
+    batch = _batch(comps)
+    x0, target = batch.noise, batch.latents
+    perceptual = m.distance(x0, target, batch)
+    torch.testing.assert_close(perceptual, m.perceptual(x0, target).mean())
+    m.cfg.method.latent_l2_weight = 2.0
+    torch.testing.assert_close(m.distance(x0, target, batch),
+                               perceptual + 2.0 * regression_distance(x0, target, "l2", 0.03))

@@ -47,6 +47,7 @@ class D2GANConfig:
     distance: str = "perceptual"  # perceptual (the latent perceptual net) | l2 | pseudo_huber (on latents)
     perceptual: Optional[str] = "distill:tiny-latent-lpips"  # the net's folder (train one: latent_lpips)
     ensemble: bool = True  # one random augmentation of both inputs per sample at every call
+    latent_l2_weight: float = 0.0  # distance=perceptual: plus this x the latent mean squared error
     huber_c: float = 0.03
     gan_weight: float = 0.1  # lambda of the GAN generator loss (0: regression only, no discriminator)
     mismatch_weight: float = 0.5  # text alignment: real latents with another sample's prompt as fakes
@@ -73,8 +74,9 @@ class D2GAN(GeneratorIO, Method):
             raise ConfigError(f"method.distance={m.distance!r}: expected one of {DISTANCES}")
         if m.distance == "perceptual" and not m.perceptual:
             raise ConfigError("method.distance=perceptual needs method.perceptual (a latent perceptual net folder)")
-        if m.gan_weight < 0 or m.mismatch_weight < 0 or m.d_t_max < 0:
-            raise ConfigError("method.gan_weight, method.mismatch_weight and method.d_t_max must be >= 0")
+        if m.gan_weight < 0 or m.mismatch_weight < 0 or m.d_t_max < 0 or m.latent_l2_weight < 0:
+            raise ConfigError("method.gan_weight, method.mismatch_weight, method.d_t_max and method.latent_l2_weight "
+                              "must be >= 0")
         if list(cfg.trainer.validation_steps) not in ([], [1]):
             raise ConfigError(f"trainer.validation_steps={list(cfg.trainer.validation_steps)}: a Diffusion2GAN "
                               "generator samples in 1 step")
@@ -147,8 +149,9 @@ class D2GAN(GeneratorIO, Method):
         m = self.cfg.method
         if self.perceptual is None:
             return regression_distance(x0, target, m.distance, m.huber_c)
-        return self.perceptual(x0, target, ensemble=m.ensemble,
-                               generators=batch.generators("ensemble") if m.ensemble else None).mean()
+        d = self.perceptual(x0, target, ensemble=m.ensemble,
+                            generators=batch.generators("ensemble") if m.ensemble else None).mean()
+        return d + m.latent_l2_weight * regression_distance(x0, target, "l2", m.huber_c) if m.latent_l2_weight else d
 
     def _d_forward(self, net, x: Tensor, cond: UNetCond, batch: Batch, tag: str) -> Tensor:
         m, n = self.cfg.method, x.shape[0]
