@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 CARRY = "carry.json"  # a finished stage's data position and seed sequence, read by the next stage
 STAGE = "stage.json"  # what a stage starts from (the method's stage-derived values), for export and inspection
@@ -59,6 +62,8 @@ def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> Dic
     c = copy.deepcopy(cfg)
     for key, value in stage.trainer.items():
         c.trainer[key] = min(value, cfg.trainer.max_steps) if key == "max_steps" else value
+        if key == "max_steps" and value > cfg.trainer.max_steps:  # said, never silent: a debug preset's cap
+            log.warning("stage %r: %d steps capped to trainer.max_steps=%d", stage.name, value, cfg.trainer.max_steps)
     for key, value in stage.data.items():
         c.data[key] = value
     if staged:

@@ -79,7 +79,7 @@ class RegressionConfig:
     """A one-step generator's warm-up on teacher ODE pairs (DMD2's 1-step recipe): a first stage of `steps` steps
     regressing G's one step from each pair's noise onto the teacher's solution from it; steps 0: none."""
 
-    steps: int = 0
+    steps: int = 0  # a stage's steps are capped by trainer.max_steps (warned at start): raise both for more
     lr: Optional[float] = None  # null: the generator's
     distance: str = "l2"  # l2 | pseudo_huber, on latents
     huber_c: float = 0.03
