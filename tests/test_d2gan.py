@@ -215,7 +215,7 @@ def test_latent_lpips_trains_and_its_export_drives_d2gan(tiny_data, tmp_path):
 def test_the_hybrid_distance_adds_latent_l2_to_the_perceptual_one(tmp_path):
     from distill.methods.pairs import regression_distance
 
-    _, comps, m = _method(tmp_path, "method.ensemble=false")
+    _, comps, m = _method(tmp_path, "method.ensemble=false", "method.latent_l2_weight=0")
     batch = _batch(comps)
     x0, target = batch.noise, batch.latents
     perceptual = m.distance(x0, target, batch)
