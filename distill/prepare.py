@@ -243,7 +243,6 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
     from distill.diffusion import Fp32Io, NoiseSchedule, inference_timesteps, sample_teacher, seeded_noise
     from distill.methods.discriminator import latent_side
     from distill.models import load_components
-    from distill.sampler import SamplerSpec
 
     if solver not in PAIR_SOLVERS:
         raise ValueError(f"pairs solver={solver!r}: expected one of {PAIR_SOLVERS} (deterministic solves)")
@@ -278,7 +277,6 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
     unet = (unet if unet is not None else comps.unet).eval()
     schedule = NoiseSchedule.from_config(comps.scheduler_config)
     shape = (int(unet.config.in_channels), latent_side(comps, resolution), latent_side(comps, resolution))
-    spec = SamplerSpec(solver, (steps,), guidance)
     visited = inference_timesteps(steps, "trailing", schedule.num_train_timesteps, schedule.steps_offset, "ddim").tolist()
     indices = [int(p.name.split("-")[0]) for p in out.glob(f"*-rank{rank:03d}.tar")]
     bar = tqdm(total=len(mine), unit="pair", desc=f"pairs rank {rank}", position=rank)
@@ -292,11 +290,8 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
             noise = seeded_noise(seeds, (len(keys), *shape), state.device, torch.float32)
             cond = prompt_cond(comps, caps, resolution, state.device)
             path: list | None = [] if states else None
-            if states:
-                lat = sample_teacher(Fp32Io(unet), noise, cond, cond.zeros_like(), schedule, steps, "ddim", guidance,
-                                     "trailing", states=path)
-            else:
-                lat = spec.sample(Fp32Io(unet), noise, cond, schedule, steps, seeds, uncond=cond.zeros_like())
+            lat = sample_teacher(Fp32Io(unet), noise, cond, cond.zeros_like(), schedule, steps, solver, guidance,
+                                 "trailing", states=path)
             for j, key in enumerate(keys):
                 meta = {"caption": caps[j], "original_size": [resolution, resolution], "crop_top_left": [0, 0],
                         "target_size": [resolution, resolution], "model": str(model), "arch": comps.arch,

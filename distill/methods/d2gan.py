@@ -29,8 +29,8 @@ from distill.methods.base import Batch, Method
 from distill.methods.dmd2 import GeneratorIO, OptimOverrides, overrides
 from distill.methods.feature_taps import FeatureTaps, TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
-from distill.methods.pairs import PairsConfig, check_pairs, ensure_pairs, regression_distance
-from distill.models.adapters import add_lora
+from distill.methods.pairs import (PairsConfig, check_pairs, ensure_pairs, one_step_generator, regression_distance,
+                                   with_shards)
 from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -81,7 +81,7 @@ class D2GAN(GeneratorIO, Method):
             raise ConfigError(f"trainer.validation_steps={list(cfg.trainer.validation_steps)}: a Diffusion2GAN "
                               "generator samples in 1 step")
         if m.pairs.prompts is not None:
-            check_pairs(DictConfig({**dict(m.pairs), "shards": m.pairs.shards or cfg.data.shards}), "method.pairs")
+            check_pairs(with_shards(m.pairs, cfg), "method.pairs")
             if m.pairs.guidance_scale is None:
                 raise ConfigError("method.pairs.guidance_scale is not set: the teacher's CFG scale for the pairs' "
                                   "solve (e.g. 8 for SDXL, 5 for the tiny world)")
@@ -92,8 +92,7 @@ class D2GAN(GeneratorIO, Method):
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.teacher = comps.unet.requires_grad_(False).eval()
         if m.pairs.prompts is not None:
-            pairs = DictConfig({**dict(m.pairs), "shards": m.pairs.shards or cfg.data.shards})
-            ensure_pairs(pairs, cfg, self.teacher, m.pairs.guidance_scale)
+            ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, m.pairs.guidance_scale)
         self.gan = m.gan_weight > 0
         self.discriminator = None
         if self.gan:  # before LoRA changes the base in place: D starts from the teacher as stored, in fp32
@@ -102,13 +101,7 @@ class D2GAN(GeneratorIO, Method):
             channels, sizes = _tap_shapes(backbone, taps, cfg.data.resolution, comps, device)
             self.discriminator = TapDiscriminator(backbone, taps, channels, sizes, m.head_channels, "copy").to(device)
             self.discriminator.train()
-        self.lora = bool(m.lora.enabled)
-        if self.lora:
-            self.generator = self.teacher
-            self.trainable = add_lora(self.generator, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-        else:
-            self.generator = load_fp32_unet(comps, device).to(device).requires_grad_(True)
-            self.trainable = list(self.generator.parameters())
+        self.lora, self.generator, self.trainable = one_step_generator(cfg, self.teacher, comps, None, device)
         self.generator.train()
         if cfg.trainer.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()

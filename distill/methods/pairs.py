@@ -31,6 +31,32 @@ class PairsConfig:
     states: bool = False  # also store the DDIM path (trajectory-state data)
 
 
+def with_shards(p, cfg):
+    """The pairs settings with their folder: `shards`, or data.shards when that is unset (the run's own data)."""
+    from omegaconf import DictConfig
+
+    return DictConfig({**dict(p), "shards": p.shards or cfg.data.shards})
+
+
+def one_step_generator(cfg, teacher, comps, init: str | None, device):
+    """(lora, generator, trainable): a LoRA on the teacher's own UNet (one base for G and the real score) or a full
+    fp32 copy of the teacher as stored; from the export `init` (a warm-up stage's) when given."""
+    from pathlib import Path
+
+    from distill.models.adapters import add_lora, load_lora
+    from distill.models.loader import load_fp32_unet, load_unet
+
+    m = cfg.method
+    if m.lora.enabled:
+        trainable = add_lora(teacher, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
+        if init:
+            load_lora(teacher, str(Path(init) / "lora"))
+        return True, teacher, trainable
+    g = (load_unet(str(Path(init) / "unet"), torch.float32, device) if init
+         else load_fp32_unet(comps, device).to(device)).requires_grad_(True)
+    return False, g, list(g.parameters())
+
+
 def check_pairs(p, key: str) -> None:
     from distill.prepare import PAIR_SOLVERS
 
@@ -131,24 +157,9 @@ class PairRegression:
         return info.get("generator_init")
 
     def build_generator(self, init: str | None, device) -> None:
-        """G: a LoRA on the teacher's own UNet (one base for G and the real score) or a full fp32 copy; from the
-        warm-up's export `init` when given. Sets self.lora, self.generator, self.trainable."""
-        from pathlib import Path
-
-        from distill.models.adapters import add_lora, load_lora
-        from distill.models.loader import load_fp32_unet, load_unet
-
-        m = self.cfg.method
-        self.lora = bool(m.lora.enabled)
-        if self.lora:
-            self.generator = self.teacher
-            self.trainable = add_lora(self.generator, m.lora.rank, m.lora.alpha, m.lora.dropout, m.lora.target_modules)
-            if init:
-                load_lora(self.generator, str(Path(init) / "lora"))
-        else:
-            self.generator = (load_unet(str(Path(init) / "unet"), torch.float32, device) if init
-                              else load_fp32_unet(self.comps, device).to(device)).requires_grad_(True)
-            self.trainable = list(self.generator.parameters())
+        """G (`one_step_generator`), from the warm-up's export `init` when given. Sets self.lora, self.generator,
+        self.trainable."""
+        self.lora, self.generator, self.trainable = one_step_generator(self.cfg, self.teacher, self.comps, init, device)
         self.generator_init = init
 
     def regression_optimizers(self, generator_overrides: dict):

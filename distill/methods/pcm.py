@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from distill.config import ConfigError, LoraConfig
-from distill.methods.pairs import PairsConfig, check_pairs, ensure_pairs
+from distill.methods.pairs import PairsConfig, check_pairs, ensure_pairs, with_shards
 from distill.diffusion import Denoiser, UNetCond, add_noise, inference_timesteps
 from distill.methods.base import Batch
 from distill.methods.lcd import LCD, check_guidance_and_loss, pseudo_huber
@@ -113,7 +113,7 @@ class PCM(LCD):
                                   f"fixed: set method.w_min = method.w_max (now {m.w_min}, {m.w_max})")
             p = m.pairs
             if p.prompts is not None:
-                check_pairs(_with_shards(p, cfg), "method.pairs")
+                check_pairs(with_shards(p, cfg), "method.pairs")
                 if not p.states or p.solver != "ddim" or p.solver_steps != m.num_ddim_timesteps:
                     raise ConfigError(f"method.pairs: trajectory pairs need states=true, solver=ddim and solver_steps="
                                       f"method.num_ddim_timesteps={m.num_ddim_timesteps} (the skip grid is the solve's "
@@ -129,7 +129,7 @@ class PCM(LCD):
             from distill.models.adapters import adapters_disabled
 
             with adapters_disabled(self.teacher) if self.lora else contextlib.nullcontext():
-                ensure_pairs(_with_shards(m.pairs, cfg), cfg, self.teacher, float(m.w_min) + 1.0)
+                ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, float(m.w_min) + 1.0)
 
     # -- the objective -----------------------------------------------------------------------------------------
     def _jump(self, unet, x: Tensor, t: Tensor, to: Tensor, cond: UNetCond) -> Tensor:
@@ -208,9 +208,3 @@ class PCM(LCD):
                        base_path=self.comps.path,
                        lora_base=stored_fp32_state(self.student, self.comps) if self.lora else None)
 
-
-def _with_shards(p, cfg):
-    """The pairs settings with their folder: method.pairs.shards, or data.shards when that is unset."""
-    from omegaconf import DictConfig
-
-    return DictConfig({**dict(p), "shards": p.shards or cfg.data.shards})
