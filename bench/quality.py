@@ -116,8 +116,8 @@ class Bench:
         if guidance is not None and w_dim is not None:
             spec = replace(spec, guidance_scale=float(guidance))
         if spec.consistency and sampler != "card":
-            spec = replace(spec, kind="lcm", eta=None) if sampler == "lcm" else replace(spec, kind="tcd",
-                                                                                         eta=float(sampler))
+            spec = (replace(spec, kind="lcm", eta=None, etas={}) if sampler == "lcm"
+                    else replace(spec, kind="tcd", eta=float(sampler), etas={}))
         method = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if w_dim is not None else "")
         if spec.consistency:
             method += "-lcm" if spec.kind == "lcm" else f"-tcd{spec.eta:g}"

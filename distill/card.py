@@ -51,6 +51,9 @@ def scheduler_desc(info: dict) -> str:
     if spec.consistency:
         desc = (f"{spec.scheduler_class} from the teacher's scheduler config, "
                 f"original_inference_steps={spec.grid}")
+        if spec.kind == "tcd" and spec.etas:
+            per = ", ".join(f"{n} steps: {spec.eta_at(n):g}" for n in spec.steps)
+            return desc + f", eta (gamma) in the pipeline call by step count ({per})"
         return desc + (f", eta (gamma) = {float(spec.eta or 0.0):g} in the pipeline call" if spec.kind == "tcd" else "")
     extra = f', prediction_type="{spec.prediction_type}"' if spec.predicts_x0 else ""
     return f'{spec.scheduler_class}, timestep_spacing="trailing"{extra}'
@@ -65,7 +68,8 @@ def _facts(info: dict) -> dict:
             "steps": steps, "n": steps[len(steps) // 2] if steps else 4, "gs": gs,
             # the single file has no w input: a w-embedding student's w is baked in and samples with CFG 1
             "ui_cfg": 1.0 if "single_file_baked_w" in info else gs,
-            "eta": f", eta={float(spec.eta):g}" if spec.eta is not None else "",  # TCD's gamma (the pipeline's: 0)
+            "eta": (f", eta={spec.eta_at(steps[len(steps) // 2] if steps else 4):g}"  # TCD's gamma (pipeline's: 0)
+                    if spec.kind == "tcd" else ""),
             "timesteps": "".join(f", timesteps={list(v)}" for k, v in spec.timesteps.items()
                                  if k == (steps[len(steps) // 2] if steps else 4)),
             "teacher": info["teacher"], "base": info.get("lora_base") or info["teacher"]}

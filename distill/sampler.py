@@ -40,14 +40,19 @@ class SamplerSpec:
     original_inference_steps: int | None = None  # consistency kinds: the skip grid trained on (default 50)
     prediction_type: str | None = None  # None: the teacher's
     timesteps: dict[int, tuple[int, ...]] = field(default_factory=dict)  # explicit timesteps per step count
+    etas: dict[int, float] = field(default_factory=dict)  # TCD's gamma per step count (Hyper-SD's unified LoRA);
+    #   a step count not named samples with `eta`
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"sampler kind={self.kind!r}: expected one of {KINDS}")
         if self.kind == "tcd" and not 0.0 <= float(self.eta or 0.0) <= 1.0:
             raise ValueError(f"sampler eta={self.eta}: TCD's gamma lies in [0, 1]")
-        if self.kind != "tcd" and self.eta is not None:
-            raise ValueError(f"sampler eta={self.eta} is TCD's gamma; kind {self.kind!r} has none")
+        if self.kind != "tcd" and (self.eta is not None or self.etas):
+            raise ValueError(f"sampler eta={self.eta} / etas={dict(self.etas)} is TCD's gamma; kind {self.kind!r} "
+                             "has none")
+        if any(not 0.0 <= float(v) <= 1.0 for v in self.etas.values()):
+            raise ValueError(f"sampler etas={dict(self.etas)}: TCD's gamma lies in [0, 1]")
         if self.timesteps and self.kind not in CONSISTENCY_KINDS:
             raise ValueError(f"explicit timesteps are a consistency scheduler's argument, not {self.kind!r}'s")
         for n, ts in self.timesteps.items():
@@ -55,6 +60,13 @@ class SamplerSpec:
                 raise ValueError(f"sampler timesteps for {n} steps must be {n} descending values, got {list(ts)}")
         object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
         object.__setattr__(self, "timesteps", {int(k): tuple(int(t) for t in v) for k, v in self.timesteps.items()})
+        object.__setattr__(self, "etas", {int(k): float(v) for k, v in self.etas.items()})
+
+    def eta_at(self, num_steps: int) -> float | None:
+        """TCD's gamma for `num_steps` (None: not a TCD sampler)."""
+        if self.kind != "tcd":
+            return None
+        return float(self.etas.get(int(num_steps), self.eta or 0.0))
 
     # -- names --------------------------------------------------------------------------------------------------
     @property
@@ -96,6 +108,9 @@ class SamplerSpec:
         spec = asdict(self)
         spec["steps"] = list(self.steps)
         spec["timesteps"] = {str(k): list(v) for k, v in self.timesteps.items()}
+        spec["etas"] = {str(k): v for k, v in self.etas.items()}
+        if self.etas:
+            info["etas"] = spec["etas"]
         info["sampler"] = spec
         return info
 
@@ -106,6 +121,7 @@ class SamplerSpec:
             spec = dict(info["sampler"])
             spec["timesteps"] = {int(k): tuple(v) for k, v in (spec.get("timesteps") or {}).items()}
             spec["steps"] = tuple(spec.get("steps", (4,)))
+            spec["etas"] = {int(k): float(v) for k, v in (spec.get("etas") or {}).items()}
             return cls(**spec)
         name = str(info.get("scheduler", ""))
         steps = tuple(info.get("steps", (4,)))
@@ -143,8 +159,8 @@ class SamplerSpec:
     def pipeline_kwargs(self, num_steps: int) -> dict[str, Any]:
         """What a diffusers pipeline call takes to sample `num_steps` as distill does."""
         kw: dict[str, Any] = {"num_inference_steps": int(num_steps), "guidance_scale": float(self.guidance_scale)}
-        if self.eta is not None:
-            kw["eta"] = float(self.eta)
+        if self.kind == "tcd":
+            kw["eta"] = self.eta_at(num_steps)
         if int(num_steps) in self.timesteps:
             kw["timesteps"] = list(self.timesteps[int(num_steps)])
         return kw
@@ -169,7 +185,7 @@ class SamplerSpec:
         if self.consistency:
             return sample_lcm(unet, noise, cond, schedule, num_steps, seeds, original_inference_steps=self.grid,
                               timesteps=self.timesteps.get(int(num_steps)),
-                              gamma=float(self.eta or 0.0) if self.kind == "tcd" else None)
+                              gamma=self.eta_at(num_steps))
         if self.kind == "euler" and (uncond is None or self.guidance_scale <= 1):
             return sample_lightning(unet, noise, cond, schedule, num_steps, schedule.prediction_type)
         return sample_teacher(unet, noise, cond, uncond, schedule, num_steps, solver=self.kind,

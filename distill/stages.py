@@ -27,7 +27,10 @@ class Stage:
     """One stage of a run. `info`: the method's stage-derived values (what the student, teacher or LoRA start
     from; prediction types), never user config keys. `trainer`: trainer.* settings of this stage (max_steps is
     capped by the user's trainer.max_steps). `data`: data.* settings of this stage (a warm-up on other data: DMD2's
-    regression on teacher ODE pairs); a stage whose data differs from the previous one's starts its own stream."""
+    regression on teacher ODE pairs); a stage whose data differs from the previous one's starts its own stream.
+    `optim`: optim.* settings of this stage. `method`: method.* settings of this stage; with a `name` of another
+    method, the stage runs THAT method (a chain of methods on one loop: Hyper-SD's segmented consistency, reward
+    fine-tuning and score distillation), its config this dict on that method's schema, checked like a run's."""
 
     name: str
     index: int
@@ -35,6 +38,8 @@ class Stage:
     info: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    optim: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -48,7 +53,7 @@ class Stage:
             return None
         d = json.loads(path.read_text())
         return cls(d["name"], d["index"], Path(d["folder"]), d.get("info", {}), d.get("trainer", {}),
-                   d.get("data", {}))
+                   d.get("data", {}), d.get("optim", {}), d.get("method", {}))
 
 
 def stage_folder(run_dir: Path, index: int, name: str) -> Path:
@@ -66,6 +71,10 @@ def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> Dic
             log.warning("stage %r: %d steps capped to trainer.max_steps=%d", stage.name, value, cfg.trainer.max_steps)
     for key, value in stage.data.items():
         c.data[key] = value
+    for key, value in stage.optim.items():
+        c.optim[key] = value
+    if stage.method:
+        c.method = stage_method_config(c, stage)
     if staged:
         c.trainer.export_at_end = True
         if not last:
@@ -74,6 +83,36 @@ def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> Dic
             inside = Path(cfg.resume).resolve().is_relative_to(stage.folder.resolve())
             c.resume = cfg.resume if inside else "latest"
     return c
+
+
+def stage_method_config(cfg: DictConfig, stage: Stage) -> DictConfig:
+    """The method config a stage runs: the run's method.* with the stage's settings, or (the stage names another
+    method) the stage's dict on that method's schema, checked by that method (ConfigError names the stage)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from distill.config import ConfigError
+    from distill.methods import METHOD_CLASSES, known_methods
+
+    name = stage.method.get("name", cfg.method.name)
+    if name not in known_methods():
+        raise ConfigError(f"stage {stage.name!r}: method.name={name!r} is unknown; known: {known_methods()}")
+    cls = METHOD_CLASSES[name]
+    base = cfg.method if name == cfg.method.name else OmegaConf.structured(cls.Config)
+    try:
+        method = OmegaConf.merge(base, OmegaConf.create({**stage.method, "name": name}))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"stage {stage.name!r} ({name}): invalid method key "
+                          f"'{getattr(e, 'full_key', '')}': {getattr(e, 'msg', e)}") from None
+    if name != cfg.method.name:
+        probe = copy.deepcopy(cfg)
+        OmegaConf.set_struct(probe, False)
+        probe.method = method
+        try:
+            cls.check(probe)
+        except ConfigError as e:
+            raise ConfigError(f"stage {stage.name!r} ({name}): {e}") from None
+    return method
 
 
 def run_stages(cfg: DictConfig, acc, run_dir: Path) -> None:
@@ -110,6 +149,8 @@ def run_stages(cfg: DictConfig, acc, run_dir: Path) -> None:
         acc.free_memory()  # forget this stage's prepared modules/optimizers before the next stage
     if staged and acc.is_main_process:
         _copy_final_export(run_dir, stages[-1].folder)
+        METHOD_CLASSES[cfg.method.name].finish(cfg, run_dir, stages)
+    acc.wait_for_everyone()
 
 
 def _read_carry(stage_dir: Path) -> dict | None:

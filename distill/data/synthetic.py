@@ -44,7 +44,7 @@ COLOR_RGB: dict[str, tuple[float, float, float]] = {
 }
 BACKGROUND_RGB: dict[str, tuple[float, float, float]] = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0)}
 # Splits draw from disjoint random streams of the same seed.
-SPLITS: dict[str, int] = {"train": 0, "heldout": 1, "evaluator": 2}
+SPLITS: dict[str, int] = {"train": 0, "heldout": 1, "evaluator": 2, "reward": 3}
 
 _CAPTION_RE = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 

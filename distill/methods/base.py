@@ -55,6 +55,11 @@ class Method:
 
         return [Stage(name="", index=0, folder=Path(run_dir))]
 
+    @classmethod
+    def finish(cls, cfg: DictConfig, run_dir: Path, stages: list[Stage]) -> None:
+        """After the last stage of a staged run, on the main process, with the last stage's export copied to
+        `run_dir/export`: a chain's assembly (Hyper-SD's unified sampler card). Nothing by default."""
+
     # -- construction ------------------------------------------------------------------------------------
     def optimizers(self) -> list[OptimizerSpec]:
         """One spec per optimizer: its parameter groups, its own settings, cadence and schedule length."""

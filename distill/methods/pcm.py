@@ -23,6 +23,10 @@ but the state the teacher's own guided DDIM solve from pure noise reached at t_n
 `prepare pairs --states` at N steps and CFG w + 1: their timesteps are the skip grid), so a run needs prompts only
 (`method.pairs.prompts`: the run writes them; data/images_read stays 0).
 
+Progressive segments (Hyper-SD's TSCD): `method.segment_stages: [8, 4, 2, 1]` runs one stage per K on the generic
+staging (distill.stages), each student initialised from the previous stage's export (the LoRA continued, or the
+full student and its EMA), the last stage's export the run's.
+
 Networks as LCD: a LoRA student (the teacher is the same UNet with adapters off; target = the student under
 stop-grad; w fixed) or a full student (zero-initialised w-embedding, EMA target).
 """
@@ -68,6 +72,10 @@ class PCMConfig:
     ema_half_life_images: Optional[float] = None
     trajectory: bool = False  # x_t from the teacher's own solve (pairs with states), not noised data (MLCM)
     pairs: PairsConfig = field(default_factory=PairsConfig)  # trajectory: written by the run when prompts is set
+    segment_stages: list[int] = field(default_factory=list)  # TSCD: K per stage, e.g. [8, 4, 2, 1], each stage from
+    #   the previous one's student (empty: one stage at num_segments)
+    segment_steps: list[int] = field(default_factory=list)  # steps per TSCD stage: one value for all, or one per
+    #   stage (empty: trainer.max_steps each)
 
 
 def segment_edges(num_train_timesteps: int, num_segments: int) -> Tensor:
@@ -104,6 +112,15 @@ class PCM(LCD):
             raise ConfigError(f"method.num_segments={m.num_segments} must divide method.num_ddim_timesteps="
                               f"{m.num_ddim_timesteps}: the segment edges j * 1000 / K - 1 (the K-step trailing DDIM "
                               "timesteps the student samples) must be points of the skip grid")
+        for k in m.segment_stages:
+            if k < 1 or m.num_ddim_timesteps % k:
+                raise ConfigError(f"method.segment_stages has {k}: every K must divide method.num_ddim_timesteps="
+                                  f"{m.num_ddim_timesteps}")
+        if m.segment_steps and len(m.segment_steps) not in (1, len(m.segment_stages)):
+            raise ConfigError(f"method.segment_steps={list(m.segment_steps)}: one value, or one per "
+                              f"method.segment_stages={list(m.segment_stages)}")
+        if any(n < 1 for n in m.segment_steps):
+            raise ConfigError(f"method.segment_steps={list(m.segment_steps)}: steps must be >= 1")
         if m.trajectory:
             if cfg.data.kind != "pairs":
                 raise ConfigError(f"method.trajectory=true reads the teacher's trajectory from pair shards: data.kind="
@@ -122,14 +139,46 @@ class PCM(LCD):
                     raise ConfigError(f"method.pairs.guidance_scale={p.guidance_scale}: the trajectory's CFG must be "
                                       f"the teacher step's, w + 1 = {m.w_min + 1}")
 
+    @classmethod
+    def plan(cls, cfg, run_dir):
+        """One stage, or one per K of `method.segment_stages` (TSCD), each from the previous stage's export."""
+        from distill.stages import Stage, stage_folder
+
+        m = cfg.method
+        if not m.segment_stages:
+            return super().plan(cfg, run_dir)
+        stages, ks = [], list(m.segment_stages)
+        steps = list(m.segment_steps) * (len(ks) if len(m.segment_steps) == 1 else 1)
+        for i, k in enumerate(ks):
+            info = {"student_init": str(stages[-1].folder / "export")} if stages else {}
+            trainer = {"max_steps": int(steps[i])} if steps else {}
+            stages.append(Stage(f"k{k}", i, stage_folder(run_dir, i, f"k{k}"), info=info, trainer=trainer,
+                                method={"num_segments": int(k), "segment_stages": [], "segment_steps": []}))
+        return stages
+
     def __init__(self, cfg, comps, device, stage=None):
         super().__init__(cfg, comps, device, stage)
         m = cfg.method
+        init = (stage.info.get("student_init") if stage is not None else None)
+        if init:
+            self.load_student(init)
         if m.trajectory and m.pairs.prompts is not None:  # write the trajectories if they are not there yet
             from distill.models.adapters import adapters_disabled
 
             with adapters_disabled(self.teacher) if self.lora else contextlib.nullcontext():
                 ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, float(m.w_min) + 1.0)
+
+    def load_student(self, export_dir: str) -> None:
+        """Continue the student of an earlier stage's export: its LoRA, or its full UNet (and the EMA target)."""
+        from distill.models.adapters import load_lora
+        from distill.models.loader import load_unet
+
+        if self.lora:
+            load_lora(self.student, str(Path(export_dir) / "lora"))
+            return
+        state = load_unet(str(Path(export_dir) / "unet"), torch.float32, self.device).state_dict()
+        self.student.load_state_dict(state)
+        self.ema.model.load_state_dict(state)
 
     # -- the objective -----------------------------------------------------------------------------------------
     def _jump(self, unet, x: Tensor, t: Tensor, to: Tensor, cond: UNetCond) -> Tensor:
