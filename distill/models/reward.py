@@ -132,7 +132,16 @@ def _preprocess_stats(folder: Path) -> tuple[tuple, tuple]:
     return CLIP_MEAN, CLIP_STD
 
 
-class ClipReward(RewardModel):
+class _ClipBased(RewardModel):
+    """A scorer on a transformers CLIP model in the folder's `clip/` (frozen), with its preprocessing stats."""
+
+    def load_clip(self, folder: Path, model_cls):
+        self.folder = Path(folder)
+        self.mean, self.std = _preprocess_stats(self.folder / "clip")
+        return model_cls.from_pretrained(str(self.folder / "clip")).eval().requires_grad_(False)
+
+
+class ClipReward(_ClipBased):
     """PickScore / HPS form: logit_scale x cos(CLIP image embedding, CLIP text embedding)."""
 
     kind = "clip"
@@ -141,11 +150,8 @@ class ClipReward(RewardModel):
         super().__init__()
         from transformers import CLIPModel, CLIPTokenizer
 
-        self.folder = Path(folder)
-        clip = self.folder / "clip"
-        self.model = CLIPModel.from_pretrained(str(clip)).eval().requires_grad_(False)
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(clip))
-        self.mean, self.std = _preprocess_stats(clip)
+        self.model = self.load_clip(folder, CLIPModel)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "clip"))
 
     def forward(self, images: Tensor, prompts: list[str]) -> Tensor:
         size = int(self.model.config.vision_config.image_size)
@@ -177,7 +183,7 @@ class AestheticHead(nn.Module):
         return self.layers(x)
 
 
-class AestheticReward(RewardModel):
+class AestheticReward(_ClipBased):
     """An aesthetic score of the image alone (prompts are ignored): the MLP on the unit CLIP image embedding."""
 
     kind = "aesthetic"
@@ -187,10 +193,7 @@ class AestheticReward(RewardModel):
         from safetensors.torch import load_file
         from transformers import CLIPVisionModelWithProjection
 
-        self.folder = Path(folder)
-        clip = self.folder / "clip"
-        self.vision = CLIPVisionModelWithProjection.from_pretrained(str(clip)).eval().requires_grad_(False)
-        self.mean, self.std = _preprocess_stats(clip)
+        self.vision = self.load_clip(folder, CLIPVisionModelWithProjection)
         self.head = AestheticHead(int(self.vision.config.projection_dim)).eval().requires_grad_(False)
         self.head.load_state_dict(load_file(str(self.folder / "head.safetensors")))
 
