@@ -118,10 +118,11 @@ class Bench:
         if spec.consistency and sampler != "card":
             spec = (replace(spec, kind="lcm", eta=None, etas={}) if sampler == "lcm"
                     else replace(spec, kind="tcd", eta=float(sampler), etas={}))
-        method = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if w_dim is not None else "")
-        if spec.consistency:
-            method += "-lcm" if spec.kind == "lcm" else f"-tcd{spec.eta:g}"
+        base = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if w_dim is not None else "")
         for steps in spec.steps:
+            method = base  # a TCD student's gamma at this step count (a unified LoRA's card names one per count)
+            if spec.consistency:
+                method += "-lcm" if spec.kind == "lcm" else f"-tcd{spec.eta_at(steps):g}"
             imgs, secs = self.generate(lambda z, c, s, steps=steps: spec.sample(unet, z, c, self.schedule, steps, s,
                                                                                 w_dim=w_dim, uncond=c.zeros_like()))
             yield {"model": str(export_dir), "method": method, "guidance": spec.guidance_scale, "steps": steps,
@@ -129,13 +130,23 @@ class Bench:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| model | method | steps | FD (lower better) | attr_acc | colour | shape | background | MSE to teacher-50 |\n"
-    head += "|---|---|---|---|---|---|---|---|---|\n"
+    reward = any("reward" in r for r in rows)
+    head = "| model | method | steps | FD (lower better) | attr_acc | colour | shape | background | MSE to teacher-50 |"
+    head += " reward |\n" if reward else "\n"
+    head += "|---|---|---|---|---|---|---|---|---|" + ("---|\n" if reward else "\n")
     for r in rows:
         head += (f"| {r['model']} | {r['method']} | {r['steps']} | {r['fd']:.2f} | {r['attr_acc']:.3f} | "
                  f"{r.get('acc_color', 0):.3f} | {r.get('acc_shape', 0):.3f} | {r.get('acc_background', 0):.3f} | "
-                 f"{r.get('mse_t50', float('nan')):.4f} |\n")
+                 f"{r.get('mse_t50', float('nan')):.4f} |" + (f" {r.get('reward', float('nan')):.3f} |\n" if reward
+                                                              else "\n"))
     return head
+
+
+def mean_reward(model, images: torch.Tensor, prompts: list[str], batch: int = 250) -> float:
+    """The reward model's mean score of the images against their prompts."""
+    with torch.no_grad():
+        scores = [model(images[i:i + batch], prompts[i:i + batch]) for i in range(0, len(images), batch)]
+    return float(torch.cat(scores).mean())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="consistency (LCD) students: card (the export's scheduler), lcm (LCMScheduler), or a gamma in "
                         "[0, 1] (TCDScheduler's eta)")
     p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
+    p.add_argument("--reward", default=None, help="also score every row with this reward model (a folder or "
+                   "distill:tiny-reward, distill/models/reward.py): its mean over the row's images and prompts")
     args = p.parse_args(argv)
     n = args.n or (240 if args.quick else 1000)
     teacher_steps = args.teacher_steps or (QUICK_TEACHER_STEPS if args.quick else TEACHER_STEPS)
@@ -163,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--teacher-steps must include 50 (the reference images of mse_t50)")
     torch.manual_seed(0)
     bench = Bench(args.teacher, n=n, n_ref=1000 if args.quick else 2000)
+    if args.reward:
+        from distill.models.reward import load_reward
+
+        reward_model = load_reward(args.reward, key="--reward")
     rows, columns, labels = [], [], []
     t50 = None
     show = list(range(0, min(n, 24), 3))  # up to 8 distinct prompts for the grid
@@ -172,6 +189,8 @@ def main(argv: list[str] | None = None) -> dict:
         if row["model"] == "teacher" and row["steps"] == 50 and t50 is None:
             t50 = imgs
         row.update(bench.metrics(imgs, t50))
+        if args.reward:
+            row["reward"] = round(mean_reward(reward_model, imgs, bench.prompts), 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
         if row["steps"] <= 4 or row["model"] == "teacher" and row["steps"] == 50 and len(labels) == 0:

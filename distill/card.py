@@ -52,7 +52,7 @@ def scheduler_desc(info: dict) -> str:
         desc = (f"{spec.scheduler_class} from the teacher's scheduler config, "
                 f"original_inference_steps={spec.grid}")
         if spec.kind == "tcd" and spec.etas:
-            per = ", ".join(f"{n} steps: {spec.eta_at(n):g}" for n in spec.steps)
+            per = ", ".join(f"{n} step{'' if n == 1 else 's'}: {spec.eta_at(n):g}" for n in spec.steps)
             return desc + f", eta (gamma) in the pipeline call by step count ({per})"
         return desc + (f", eta (gamma) = {float(spec.eta or 0.0):g} in the pipeline call" if spec.kind == "tcd" else "")
     extra = f', prediction_type="{spec.prediction_type}"' if spec.predicts_x0 else ""

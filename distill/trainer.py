@@ -58,7 +58,8 @@ class Trainer:
         self.ckpt_manager.check_writable()
         from distill.methods import METHOD_CLASSES
 
-        parts = needed_parts(METHOD_CLASSES[cfg.method.name].input_kind, cfg.data.kind)
+        cls = METHOD_CLASSES[cfg.method.name]
+        parts = tuple(dict.fromkeys(needed_parts(cls.input_kind, cfg.data.kind) + tuple(cls.extra_parts)))
         with no_zero3_init(acc):  # frozen parts whole on every rank; only what trains is partitioned (prepare)
             self.comps = self.components(parts)
             self.method = build_method(cfg, self.comps, self.device, stage=self.stage)

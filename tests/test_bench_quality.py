@@ -26,7 +26,8 @@ def test_quality_bench_samplers_and_guidance(tiny_data, tmp_path):
     out = tmp_path / "q.json"
     result = quality.main(["-n", "8", "--teacher", info["teacher"], "--teacher-steps", "50", "2",
                            "--teacher-guidance", "5", "3", "--runs", str(run), "--student-guidance", "3",
-                           "--student-sampler", "card", "lcm", "0.5", "--out", str(out)])
+                           "--student-sampler", "card", "lcm", "0.5", "--reward", "distill:tiny-reward",
+                           "--out", str(out)])
     rows = result["rows"]
     teacher = [(r["method"], r["steps"]) for r in rows if r["model"] == "teacher"]
     assert teacher == [("ddim-trailing-cfg5", 50), ("ddim-trailing-cfg5", 2), ("ddim-trailing-cfg3", 50),
@@ -42,6 +43,10 @@ def test_quality_bench_samplers_and_guidance(tiny_data, tmp_path):
     assert by[("lcd-cfg3-lcm", 4)]["mse_t50"] != by[("lcd-cfg3-tcd0", 4)]["mse_t50"]
     assert json.loads(out.read_text())["rows"] == rows
     assert "lcd-cfg3-tcd0.5" in out.with_suffix(".md").read_text()
+    import math
+
+    assert all(math.isfinite(r["reward"]) for r in rows) and "reward |" in out.with_suffix(".md").read_text()
+    assert len({r["reward"] for r in rows}) > 1  # scored per row, not a constant
     grid = Image.open(out.with_suffix(".png"))
     # columns: teacher 50 (once), teacher 2 at each guidance, and 3 samplers x steps 1, 2, 4
     assert grid.width > (1 + 2 + 9) * 32 * 3

@@ -39,6 +39,8 @@ def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
                  "method.regression.pairs.solver_steps=2"]
     if cfg.data.kind == "pairs":
         pairs = [f"method.pairs.prompts='{prompts}'", "method.pairs.num_pairs=8", "method.pairs.solver_steps=2"]
+    if OmegaConf.select(cfg, "method.reward.model") and not cfg.method.reward.model.startswith("distill:"):
+        pairs.append("method.reward.model=distill:tiny-reward")  # a reward model is a model: the tiny world's
     if OmegaConf.select(cfg, "method.perceptual"):  # a latent perceptual net is a model: the tiny world's
         pairs.append("method.perceptual=distill:tiny-latent-lpips")
     return [f"+experiment={name}", "+debug=fast", f"model.pretrained={MODELS[cfg.model.pretrained]}", "model.vae=null",

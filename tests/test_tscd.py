@@ -63,7 +63,7 @@ def test_tcd_etas_per_step_count_round_trip_and_reach_the_pipeline_and_card():
     info = json.loads(json.dumps(spec.to_info()))
     back = SamplerSpec.from_info(info)
     assert back == spec and back.pipeline_kwargs(8)["eta"] == 0.2 and back.pipeline_kwargs(2)["eta"] == 0.3
-    assert "1 steps: 1, 2 steps: 0.3, 4 steps: 0.3, 8 steps: 0.2" in scheduler_desc({**info, "arch": "sd15"})
+    assert "1 step: 1, 2 steps: 0.3, 4 steps: 0.3, 8 steps: 0.2" in scheduler_desc({**info, "arch": "sd15"})
     with pytest.raises(ValueError, match="etas"):
         SamplerSpec("lcm", (4,), etas={4: 0.5})
     with pytest.raises(ValueError, match="gamma"):

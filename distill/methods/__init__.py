@@ -17,6 +17,8 @@ _REGISTRY = {
     "sim": "distill.methods.sim:SIM",
     "latent_lpips": "distill.methods.latent_lpips:LatentLPIPS",
     "d2gan": "distill.methods.d2gan:D2GAN",
+    "refl": "distill.methods.refl:ReFL",
+    "hyper_sd": "distill.methods.hyper_sd:HyperSD",
 }
 
 

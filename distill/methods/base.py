@@ -33,6 +33,8 @@ class Method:
     Config: ClassVar[type | None] = None
     #: what the trainer must provide in a Batch: "latents" (encode images / read latent shards) or "pixels"
     input_kind: ClassVar[str] = "latents"
+    #: pretrained parts the method needs beyond what its input kind loads ("vae": a reward on decoded samples)
+    extra_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, comps: Components, device: torch.device, stage: Stage | None = None):
         self.cfg = cfg

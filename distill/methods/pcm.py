@@ -245,13 +245,16 @@ class PCM(LCD):
         steps = sorted({n for n in (1, 2, 4, 8) if n <= m.num_ddim_timesteps} | {m.num_segments})
         return SamplerSpec("ddim", tuple(steps), 1.0 if self.lora else self.inference_w() + 1.0)
 
+    def export_name(self) -> str:
+        return "pcm"
+
     def export(self, out_dir: Path, dtype: torch.dtype) -> None:
         from distill.export import export_student
 
         m = self.cfg.method
         assert torch.equal(self.upper_edges(), inference_timesteps(m.num_segments, "trailing",
                                                                    self.schedule.num_train_timesteps))
-        info = {"method": "pcm" + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
+        info = {"method": self.export_name() + ("-lora" if self.lora else ""), "teacher": self.cfg.model.pretrained,
                 "num_segments": m.num_segments, "num_ddim_timesteps": m.num_ddim_timesteps, "arch": self.comps.arch}
         export_student(self.student, Path(out_dir), lora=self.lora, dtype=dtype, info=info, sampler=self.sampler(),
                        base_path=self.comps.path,

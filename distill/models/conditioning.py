@@ -40,10 +40,16 @@ def encode_images(comps: Components, pixels: Tensor) -> Tensor:
 @torch.no_grad()
 def decode_latents(comps_or_vae, latents: Tensor) -> Tensor:
     """Latents (scaled) -> pixels in [-1, 1]."""
+    return vae_decode(comps_or_vae, latents).clamp(-1, 1)
+
+
+def vae_decode(comps_or_vae, latents: Tensor) -> Tensor:
+    """Latents (scaled) -> pixels, differentiable in the latents and unclamped (a reward's gradient must not vanish
+    where a pixel leaves [-1, 1]); the VAE in its own dtype."""
     vae = comps_or_vae.vae if isinstance(comps_or_vae, Components) else comps_or_vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor + shift
-    return vae.decode(z).sample.clamp(-1, 1)
+    return vae.decode(z).sample
 
 
 def time_ids(original_size: Tensor, crop_top_left: Tensor, target_size: Tensor) -> Tensor:

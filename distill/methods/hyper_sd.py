@@ -1,0 +1,166 @@
+"""Hyper-SD (arXiv 2404.13686) end to end: one chain of methods on the one loop, ending in ONE LoRA that samples at
+1 to 8 steps with TCD's eta per step count. Written from the paper; ByteDance released weights only.
+
+The chain (`plan`), each stage initialised from the previous stage's export, the LoRA continued throughout (so the
+recipe's merge is the identity here: one adapter is trained by every stage, nothing is left to merge):
+
+  1. TSCD: segmented consistency (distill.methods.pcm) with K = `segment_stages` (8 -> 4 -> 2 -> 1), one stage each;
+  2. human-feedback learning (distill.methods.refl, `reward_steps` > 0): the student's own n-step samples scored by
+     `reward.model`, the K = 1 consistency loss as the regulariser;
+  3. score distillation for one step (distill.methods.dmd2, `score.steps` > 0): DMD2 with the generator at
+     `score.timestep` (999), the real score the teacher (the base with the adapter off) at `score.guidance_scale`.
+
+`finish` writes the run's export.json and card with the unified sampler: TCDScheduler on the LCM grid of
+`num_ddim_timesteps` (original_inference_steps), `inference_steps` with their `inference_etas`.
+
+A Hyper-SD run has no networks of its own: every stage runs another method (Stage.method names it), checked on that
+method's schema when the chain is validated, so a typo in any stage fails before the first one trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from distill.config import ConfigError
+from distill.methods.base import Method
+from distill.methods.dmd2 import OptimOverrides
+from distill.methods.pcm import PCM, PCMConfig
+from distill.methods.refl import RewardConfig, check_reward
+
+
+@dataclass
+class ScoreStageConfig:
+    """The 1-step score-distillation stage (DMD2's settings for it)."""
+
+    steps: int = 0  # 0: no score-distillation stage
+    batch_size: Optional[int] = None  # data.batch_size of this stage (three UNets in memory; null: the run's)
+    timestep: int = 999  # the generator's one conditioning timestep (TCD's first at any grid)
+    guidance_scale: Optional[float] = None  # the real score's CFG (standard form); null: the TSCD teacher's w + 1
+    t_min: int = 20
+    t_max: int = 980
+    generator_every_n_steps: int = 5
+    gan_generator_weight: float = 5e-3
+    gan_fake_weight: float = 1e-2
+    head_channels: int = 256
+    generator: OptimOverrides = field(default_factory=OptimOverrides)
+    fake: OptimOverrides = field(default_factory=OptimOverrides)
+
+
+@dataclass
+class HyperSDConfig(PCMConfig):
+    name: str = "hyper_sd"
+    segment_stages: list[int] = field(default_factory=lambda: [8, 4, 2, 1])
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward_steps: int = 0  # steps of the reward stage (0: none)
+    reward_lr: Optional[float] = None  # the reward stage's learning rate (null: optim.lr)
+    score: ScoreStageConfig = field(default_factory=ScoreStageConfig)
+    inference_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # the unified LoRA's step counts
+    inference_etas: list[float] = field(default_factory=lambda: [1.0, 0.6, 0.3, 0.3])  # TCD's gamma for each
+
+
+PCM_FIELDS = tuple(f.name for f in dataclasses.fields(PCMConfig) if f.name != "name")
+
+
+def _pcm_settings(m) -> dict:
+    return {k: OmegaConf.to_container(m[k], resolve=True) if OmegaConf.is_config(m[k]) else m[k] for k in PCM_FIELDS}
+
+
+class HyperSD(Method):
+    Config = HyperSDConfig
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        from distill.stages import stage_method_config
+
+        m = cfg.method
+        if not m.lora.enabled:
+            raise ConfigError("method.lora.enabled=false: Hyper-SD's product is one LoRA for 1 to 8 steps (every "
+                              "stage continues it); a full-UNet chain is not built")
+        if not m.segment_stages:
+            raise ConfigError("method.segment_stages is empty: Hyper-SD starts with TSCD's stages, e.g. [8, 4, 2, 1]")
+        PCM.check(cfg)
+        if m.reward_steps < 0 or m.score.steps < 0:
+            raise ConfigError(f"method.reward_steps={m.reward_steps} and method.score.steps={m.score.steps} must be "
+                              ">= 0 (0: no such stage)")
+        if m.reward_steps:
+            check_reward(m.reward, m.num_ddim_timesteps)
+        steps, etas = list(m.inference_steps), list(m.inference_etas)
+        if not steps or len(etas) != len(steps):
+            raise ConfigError(f"method.inference_etas={etas}: one TCD gamma per method.inference_steps={steps}")
+        if any(not 1 <= n <= m.num_ddim_timesteps for n in steps) or any(not 0.0 <= e <= 1.0 for e in etas):
+            raise ConfigError(f"method.inference_steps={steps} / method.inference_etas={etas}: steps in [1, "
+                              f"method.num_ddim_timesteps={m.num_ddim_timesteps}], etas in [0, 1]")
+        for stage in cls.plan(cfg, Path("/nonexistent-run")):  # every stage's config, on its method's schema
+            probe = copy.deepcopy(cfg)
+            for key, value in stage.trainer.items():
+                probe.trainer[key] = value
+            stage_method_config(probe, stage)
+
+    @classmethod
+    def plan(cls, cfg, run_dir):
+        from distill.stages import Stage, stage_folder
+
+        m = cfg.method
+        pcm = _pcm_settings(m)
+        stages: list[Stage] = []
+
+        def add(name: str, method: dict, trainer: dict, optim: dict | None = None, info_key: str = "student_init",
+                data: dict | None = None):
+            i = len(stages)
+            info = {info_key: str(stages[-1].folder / "export")} if stages else {}
+            stages.append(Stage(name, i, stage_folder(run_dir, i, name), info=info, trainer=trainer,
+                                optim=optim or {}, method=method, data=data or {}))
+
+        ks = list(m.segment_stages)
+        per = list(m.segment_steps) * (len(ks) if len(m.segment_steps) == 1 else 1)
+        for j, k in enumerate(ks):
+            add(f"tscd_k{k}", {**pcm, "name": "pcm", "num_segments": int(k), "segment_stages": [],
+                               "segment_steps": []}, {"max_steps": int(per[j])} if per else {})
+        if m.reward_steps:
+            reward = OmegaConf.to_container(m.reward, resolve=True)
+            add("reward", {**pcm, "name": "refl", "num_segments": int(ks[-1]), "segment_stages": [],
+                           "segment_steps": [], "reward": reward}, {"max_steps": int(m.reward_steps)},
+                {"lr": float(m.reward_lr)} if m.reward_lr is not None else None)
+        if m.score.steps:
+            s = OmegaConf.to_container(m.score, resolve=True)
+            g = s.pop("guidance_scale")
+            s.pop("steps")
+            batch = s.pop("batch_size")
+            dmd2 = {"name": "dmd2", "lora": pcm["lora"], "student_timesteps": [int(s.pop("timestep"))],
+                    "guidance_scale": float(g if g is not None else m.w_min + 1.0), **s}
+            add("score", dmd2, {"max_steps": int(m.score.steps), "validation_steps": [1]}, info_key="generator_init",
+                data={"batch_size": int(batch)} if batch else None)
+        return stages
+
+    def __init__(self, cfg, comps, device, stage=None):
+        raise RuntimeError("hyper_sd is a chain: each of its stages runs another method (see HyperSD.plan)")
+
+    @classmethod
+    def finish(cls, cfg, run_dir, stages) -> None:
+        """The run's export: the last stage's LoRA with the unified TCD sampler (eta per step count) in export.json
+        and the card."""
+        from distill.card import model_card
+        from distill.sampler import SamplerSpec
+
+        m = cfg.method
+        out = Path(run_dir) / "export"
+        info = json.loads((out / "export.json").read_text())
+        old = SamplerSpec.from_info(info)
+        for key in (*old.to_info(), "timesteps", "num_segments"):
+            info.pop(key, None)
+        steps, etas = [int(n) for n in m.inference_steps], [float(e) for e in m.inference_etas]
+        spec = SamplerSpec("tcd", tuple(steps), 1.0, eta=etas[steps.index(sorted(steps)[len(steps) // 2])],
+                           original_inference_steps=int(m.num_ddim_timesteps), etas=dict(zip(steps, etas)))
+        info.update(spec.to_info())
+        info["method"] = "hyper-sd-lora"
+        info["num_ddim_timesteps"] = int(m.num_ddim_timesteps)
+        info["stages"] = [s.name for s in stages]
+        (out / "export.json").write_text(json.dumps(info, indent=1, default=str))
+        (out / "README.md").write_text(model_card(info, out.resolve()))
