@@ -104,12 +104,16 @@ class Bench:
             yield {"model": "teacher", "method": f"ddim-trailing-cfg{guidance:g}", "guidance": guidance, "steps": steps,
                    "seconds": round(secs, 1)}, imgs
 
-    def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card"):
-        """Rows of an export sampled by its sampler spec; `guidance` overrides a w-input student's scale,
-        `sampler` a consistency student's scheduler (lcm, or a TCD gamma)."""
+    def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card",
+                     spec_of: Path | None = None):
+        """Rows of an export sampled by its sampler spec (or by the spec of the export `spec_of`: a chain's stages
+        sampled as its final card says); `guidance` overrides a w-input student's scale, `sampler` a consistency
+        student's scheduler (lcm, or a TCD gamma)."""
         from distill.export import load_export, read_export
 
         info, spec = read_export(export_dir)
+        if spec_of is not None:
+            spec = read_export(spec_of)[1]
         pipe = load_export(export_dir, self.comps.path)
         unet = pipe.unet.float().eval()
         w_dim = unet.config.time_cond_proj_dim  # set: the UNet takes the guidance w as an input
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--student-sampler", nargs="+", default=["card"],
                    help="consistency (LCD) students: card (the export's scheduler), lcm (LCMScheduler), or a gamma in "
                         "[0, 1] (TCDScheduler's eta)")
+    p.add_argument("--sampler-of", default=None, help="sample every student with this export's sampler spec "
+                   "(e.g. a Hyper-SD run's export: its stages at the unified card's TCD steps and etas)")
     p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
     p.add_argument("--reward", default=None, help="also score every row with this reward model (a folder or "
                    "distill:tiny-reward, distill/models/reward.py): its mean over the row's images and prompts")
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         for export_dir in find_exports(Path(run)):
             for g in args.student_guidance or [None]:
                 for sampler in args.student_sampler:
-                    for row, imgs in bench.student_rows(export_dir, g, sampler):
+                    spec_of = Path(args.sampler_of) if args.sampler_of else None
+                    for row, imgs in bench.student_rows(export_dir, g, sampler, spec_of):
                         add(row, imgs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
