@@ -95,7 +95,7 @@ class ReFL(PCM):
         m, r = self.cfg.method, self.cfg.method.reward
         cond = self._cond(batch.cond, torch.full((batch.size,), self.inference_w(), device=self.device))
         cond = cond._map(lambda v: v[:rows]) if rows < batch.size else cond
-        shape = self.latent_shape(batch)
+        shape = tuple(batch.latents.shape[1:])  # latents or pairs data: the input kind is latents
         ts = lcm_inference_timesteps(n, m.num_ddim_timesteps, self.schedule.num_train_timesteps).tolist()
         x = batch.randn("reward_z", shape, self.device)[:rows]
         with torch.no_grad(), span("simulate"):
@@ -112,12 +112,6 @@ class ReFL(PCM):
         with span("student"):
             x0 = Denoiser(self.modules["student"], self.schedule).x0_eps(x, ts[-1], cond)[0]
         return x0.float()
-
-    def latent_shape(self, batch: Batch) -> tuple[int, ...]:
-        if batch.latents is not None:
-            return tuple(batch.latents.shape[1:])
-        side = int(self.cfg.data.resolution) // 8
-        return (int(self.student.config.in_channels), side, side)
 
     def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
         from distill.models.conditioning import vae_decode
