@@ -174,6 +174,18 @@ class _StepNoise:
         return randn(like.shape, self.generator, like.device, like.dtype)
 
 
+def tcd_step(x0: Tensor, eps: Tensor, t_next: int, gamma: float, schedule: NoiseSchedule,
+             fresh: Callable[[], Tensor]) -> Tensor:
+    """TCDScheduler.step(eta=gamma) from a model's raw x0 and eps towards `t_next` (0 after the last step): DDIM to
+    s = floor((1 - gamma) t_next), then, for gamma > 0 and t_next > 0, forward noise `fresh()` from s up to t_next."""
+    s = int(torch.floor((1 - gamma) * torch.tensor(t_next)))  # float32, as TCDScheduler computes it
+    x = add_noise(x0, eps, _batch_t(s, x0), schedule)
+    if gamma > 0 and t_next > 0:
+        keep = schedule.abar(t_next) / schedule.abar(s)
+        x = keep.sqrt().to(x) * x + (1 - keep).sqrt().to(x) * fresh()
+    return x
+
+
 @torch.no_grad()
 def sample_lcm(
     unet: Callable[..., Any],
@@ -221,14 +233,9 @@ def sample_lcm(
         x0, eps = to_x0_eps(unet_output(unet(x, tb, **cond.kwargs())), x, tb, schedule)
         if gamma is not None:  # TCDScheduler.step: the raw x0 (no c_skip / c_out) and eps
             last = i == len(timesteps) - 1
-            t_next = 0 if last else int(timesteps[i + 1])
-            s = int(torch.floor((1 - gamma) * torch.tensor(t_next)))  # float32, as TCDScheduler computes it
-            x = add_noise(x0, eps, _batch_t(s, x), schedule)
+            x = tcd_step(x0, eps, 0 if last else int(timesteps[i + 1]), gamma, schedule, lambda: step_noise(x))
             if last:
                 return x
-            if gamma > 0:
-                keep = schedule.abar(t_next) / schedule.abar(s)
-                x = keep.sqrt().to(x) * x + (1 - keep).sqrt().to(x) * step_noise(x)
             continue
         c_skip, c_out = consistency_scalings(tb, like=x)
         denoised = c_out * x0 + c_skip * x

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from distill.config import ConfigError
-from distill.diffusion import Denoiser, add_noise, lcm_inference_timesteps
+from distill.diffusion import Denoiser, lcm_inference_timesteps, tcd_step
 from distill.methods.base import Batch
 from distill.methods.pcm import PCM, PCMConfig
 from distill.profiling import span
@@ -102,13 +102,8 @@ class ReFL(PCM):
             for i, t in enumerate(ts[:-1]):
                 with self.autocast():
                     x0, eps = Denoiser(self.student, self.schedule).x0_eps(x, t, cond)
-                t_next = int(ts[i + 1])
-                s = int(torch.floor((1 - r.eta) * torch.tensor(t_next)))  # TCDScheduler.step's s
-                x = add_noise(x0.float(), eps.float(), torch.full((rows,), s, device=self.device), self.schedule)
-                if r.eta > 0:
-                    keep = self.schedule.abar(t_next) / self.schedule.abar(s)
-                    fresh = batch.randn(f"reward_noise{i}", shape, self.device)[:rows]
-                    x = keep.sqrt().to(x) * x + (1 - keep).sqrt().to(x) * fresh
+                x = tcd_step(x0.float(), eps.float(), int(ts[i + 1]), r.eta, self.schedule,
+                             lambda i=i: batch.randn(f"reward_noise{i}", shape, self.device)[:rows])
         with span("student"):
             x0 = Denoiser(self.modules["student"], self.schedule).x0_eps(x, ts[-1], cond)[0]
         return x0.float()
