@@ -105,10 +105,10 @@ class Bench:
                    "seconds": round(secs, 1)}, imgs
 
     def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card",
-                     spec_of: Path | None = None):
+                     spec_of: Path | None = None, only_steps: list[int] | None = None):
         """Rows of an export sampled by its sampler spec (or by the spec of the export `spec_of`: a chain's stages
         sampled as its final card says); `guidance` overrides a w-input student's scale, `sampler` a consistency
-        student's scheduler (lcm, or a TCD gamma)."""
+        student's scheduler (lcm, or a TCD gamma); `only_steps` keeps those of the spec's step counts."""
         from distill.export import load_export, read_export
 
         info, spec = read_export(export_dir)
@@ -124,6 +124,8 @@ class Bench:
                     else replace(spec, kind="tcd", eta=float(sampler), etas={}))
         base = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if w_dim is not None else "")
         for steps in spec.steps:
+            if only_steps is not None and steps not in only_steps:
+                continue
             method = base  # a TCD student's gamma at this step count (a unified LoRA's card names one per count)
             if spec.consistency:
                 method += "-lcm" if spec.kind == "lcm" else f"-tcd{spec.eta_at(steps):g}"
@@ -144,6 +146,26 @@ def markdown(rows: list[dict]) -> str:
                  f"{r.get('mse_t50', float('nan')):.4f} |" + (f" {r.get('reward', float('nan')):.3f} |\n" if reward
                                                               else "\n"))
     return head
+
+
+def verdict(rows: list[dict]) -> str:
+    """Each student row beside the teacher's DDIM row at the same step count (first guidance), and who won: a
+    student wins only when it is better on BOTH FD and attribute accuracy."""
+    teacher = {}
+    for r in rows:
+        if r["model"] == "teacher":
+            teacher.setdefault(r["steps"], r)
+    lines = ["| student | steps | student FD / attr | teacher DDIM FD / attr | verdict |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = teacher.get(r["steps"])
+        if r["model"] == "teacher" or t is None:
+            continue
+        fd, acc = r["fd"] < t["fd"], r["attr_acc"] > t["attr_acc"]
+        word = ("student wins (FD and accuracy)" if fd and acc else "teacher wins (FD and accuracy)" if not (fd or acc)
+                else "split: student better on " + ("FD" if fd else "accuracy") + " only")
+        lines.append(f"| {r['model']} | {r['steps']} | {r['fd']:.2f} / {r['attr_acc']:.3f} | "
+                     f"{t['fd']:.2f} / {t['attr_acc']:.3f} | {word} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def mean_reward(model, images: torch.Tensor, prompts: list[str], batch: int = 250) -> float:
@@ -228,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     grid = Path(args.grid) if args.grid else out.with_suffix(".png")
     save_grid(columns, grid, row_labels=[bench.prompts[i] for i in show], col_labels=labels, scale=3)
     print(table)
+    versus = verdict(rows)
+    if versus:
+        print("Student against the teacher's DDIM at the same step count:\n" + versus)
+        out.with_suffix(".md").write_text(table + "\n" + versus)
     print(f"wrote {out}, {out.with_suffix('.md')}, {grid}")
     return result
 

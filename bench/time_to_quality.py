@@ -1,0 +1,148 @@
+"""Time to quality: train an experiment as a user launches it, then score its checkpoints against the teacher.
+
+    python bench/time_to_quality.py --experiment mlcm_tiny --every 100 --out bench/results/ttq_mlcm_tiny.json \
+        [--steps 1 2 4] [-n 240] [--run RUN] [-- key=value ...]
+
+1. Trains `accelerate launch train.py +experiment=NAME` (one process, the trainer's own thread default) with a
+   checkpoint every `--every` steps, all kept; the wall clock of each checkpoint is its trainer_state.json's write time
+   minus the launch time, so it holds everything a user waits for: start-up, data the run writes first (MLCM's
+   trajectories), the steps and the checkpoint writes. `--run RUN` skips training and re-scores an earlier run (its
+   launch time is read from the `ttq_launch.json` this script wrote there).
+2. Exports every checkpoint and samples it at `--steps` with its card's sampler (the quick bench: N=240 samples, the
+   same prompts and per-sample seeds as `bench/quality.py --quick`), beside the teacher's DDIM (trailing, CFG 5) at the
+   same step counts.
+3. Reports, per step count, the first checkpoint that beats the teacher's DDIM at that step count on BOTH FD and
+   attribute accuracy, and its wall minutes on this machine (`minutes_to_beat`; null when none did).
+
+The scoring runs after training, never beside it, so the clock is the training run's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from quality import Bench  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(experiment: str, run: Path, every: int, overrides: list[str]) -> float:
+    """The user's launch command with all checkpoints kept; returns the launch time (epoch seconds)."""
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(ROOT / "train.py"), f"+experiment={experiment}", f"output_dir={run}",
+           f"trainer.checkpoint_every_steps={every}", "trainer.checkpoints_keep=0", *overrides]
+    launched = time.time()
+    (run / "ttq_launch.json").write_text(json.dumps({"launched": launched, "command": cmd}))
+    env = {**os.environ, "ACCELERATE_USE_CPU": os.environ.get("ACCELERATE_USE_CPU", "1")}
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+    return launched
+
+
+def checkpoints(run: Path) -> list[tuple[int, Path]]:
+    found = [(int(p.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*")
+             if (p / "trainer_state.json").exists()]
+    if not found:
+        raise SystemExit(f"{run}: no complete checkpoint under checkpoints/")
+    return sorted(found)
+
+
+def first_wins(rows: list[dict], teacher: dict[int, dict]) -> dict[int, dict | None]:
+    """Per step count: the earliest student row beating the teacher's DDIM row at that count on FD and accuracy."""
+    out = {}
+    for k, t in teacher.items():
+        wins = [r for r in rows if r["steps"] == k and r["fd"] < t["fd"] and r["attr_acc"] > t["attr_acc"]]
+        out[k] = min(wins, key=lambda r: r["train_step"]) if wins else None
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = ["| checkpoint | wall min | " + " | ".join(f"{k}-step FD / attr" for k in result["steps"]) + " |",
+             "|---|---:|" + "---|" * len(result["steps"])]
+    t = {r["steps"]: r for r in result["teacher"]}
+    lines.append("| teacher DDIM | - | " + " | ".join(f"{t[k]['fd']:.2f} / {t[k]['attr_acc']:.3f}"
+                                                   for k in result["steps"]) + " |")
+    by_step: dict[int, dict[int, dict]] = {}
+    for r in result["rows"]:
+        by_step.setdefault(r["train_step"], {})[r["steps"]] = r
+    for step, cells in sorted(by_step.items()):
+        first = next(iter(cells.values()))
+        lines.append(f"| step {step} | {first['minutes']:.1f} | " + " | ".join(
+            f"{cells[k]['fd']:.2f} / {cells[k]['attr_acc']:.3f}" + (" **wins**" if cells[k]["beats_teacher"] else "")
+            for k in result["steps"]) + " |")
+    lines.append("")
+    for k, m in result["minutes_to_beat"].items():
+        lines.append(f"- {k} steps: " + (f"beats the teacher's DDIM-{k} on FD and accuracy at step "
+                                          f"{result['first_win_step'][k]}, {m:.1f} wall minutes after launch"
+                                          if m is not None else f"never beats the teacher's DDIM-{k} on both"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", required=True, help="JSON output; a markdown table is written beside it (.md)")
+    p.add_argument("--every", type=int, default=100, help="checkpoint (and score) every this many steps")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="sampler step counts to compare at")
+    p.add_argument("-n", type=int, default=240, help="samples per row (the quick bench's 240)")
+    p.add_argument("--teacher", default="distill:tiny-world", help="the teacher the run distils (its DDIM rows)")
+    p.add_argument("--run", default=None, help="score this earlier run instead of training (its ttq_launch.json)")
+    p.add_argument("--run-dir", default=None, help="where to train (default runs/ttq_<experiment>)")
+    p.add_argument("overrides", nargs="*", help="extra key=value overrides for train.py (after --)")
+    args = p.parse_args(argv)
+    if args.run:
+        run = Path(args.run)
+        launched = json.loads((run / "ttq_launch.json").read_text())["launched"]
+    else:
+        run = Path(args.run_dir or ROOT / "runs" / f"ttq_{args.experiment}")
+        launched = train(args.experiment, run, args.every, args.overrides)
+    bench = Bench(args.teacher, n=args.n, n_ref=1000)
+    teacher = {}
+    for row, imgs in bench.teacher_rows(sorted(set(args.steps))):
+        row.update(bench.metrics(imgs, None))
+        teacher[row["steps"]] = row
+        print(json.dumps(row), flush=True)
+    from distill.export import export_run
+
+    rows = []
+    for step, ckpt in checkpoints(run):
+        minutes = ((ckpt / "trainer_state.json").stat().st_mtime - launched) / 60
+        export_dir = export_run(run, checkpoint=str(ckpt), out=run / "ttq_exports" / f"step_{step}", dtype="fp32")
+        for row, imgs in bench.student_rows(export_dir, only_steps=list(teacher)):
+            row.update(bench.metrics(imgs, None), train_step=step, minutes=round(minutes, 2))
+            t = teacher[row["steps"]]
+            row["beats_teacher"] = row["fd"] < t["fd"] and row["attr_acc"] > t["attr_acc"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    missing = sorted(set(args.steps) - {r["steps"] for r in rows})
+    if missing:
+        raise SystemExit(f"the exports' sampler spec has no {missing}-step sampling (their card's steps)")
+    wins = first_wins(rows, teacher)
+    result = {"experiment": args.experiment, "run": str(run), "n": args.n, "steps": sorted(set(args.steps)),
+              "teacher": list(teacher.values()), "rows": rows,
+              "minutes_to_beat": {k: (w["minutes"] if w else None) for k, w in wins.items()},
+              "first_win_step": {k: (w["train_step"] if w else None) for k, w in wins.items()}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
