@@ -64,7 +64,7 @@ def test_state_at_reads_each_samples_own_timestep_and_names_a_grid_that_does_not
 @pytest.mark.parametrize("override,key", [
     ("data.kind=images", "method.trajectory=true reads the teacher's trajectory"),
     ("method.w_max=6", "set method.w_min = method.w_max"),
-    ("method.pairs.solver_steps=10", "solver_steps=method.num_ddim_timesteps=8"),
+    ("method.pairs.solver_steps=10", "solver_steps=method.num_ddim_timesteps=20"),
     ("method.pairs.guidance_scale=7", "method.pairs.guidance_scale=7.0"),
 ])
 def test_trajectory_settings_are_checked_naming_the_key(override, key):
@@ -82,7 +82,8 @@ def test_the_student_is_trained_on_the_trajectory_state_not_on_a_noised_latent(t
 
     _write(tiny_data, tmp_path / "p", steps=8, n=4)
     cfg = validate(compose_cfg(["+experiment=mlcm_tiny", "+debug=fast", "model.pretrained=distill:tiny-world",
-                                "method.lora.rank=4", "method.pairs.prompts=null", f"data.shards={tmp_path}/p"]))
+                                "method.lora.rank=4", "method.pairs.prompts=null", f"data.shards={tmp_path}/p",
+                                "method.num_ddim_timesteps=8", "method.pairs.solver_steps=8"]))  # the pairs above
     comps = load_components(cfg.model.pretrained, parts=("unet", "text_encoder", "text_encoder_2", "tokenizer",
                                                          "tokenizer_2"))
     m = build_method(cfg, comps, torch.device("cpu"))
