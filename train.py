@@ -1,12 +1,17 @@
 """Train a few-step student: `accelerate launch train.py +experiment=lcm_lora_tiny [key=value ...]`."""
 
 import os
+import sys
 
-import hydra
-from omegaconf import DictConfig
+from distill.threads import prime_omp_threads
 
-from distill.config import register_configs
-from distill.runner import run_and_score
+prime_omp_threads(sys.argv[1:])  # before torch loads: `accelerate launch` alone would leave OpenMP at one thread
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from distill.config import register_configs  # noqa: E402
+from distill.runner import run_and_score  # noqa: E402
 
 register_configs()
 

@@ -16,6 +16,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broad
 from omegaconf import DictConfig
 
 from distill.config import validate
+from distill.threads import auto_threads
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -32,19 +33,6 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return acc
-
-
-def auto_threads() -> int:
-    """Physical cores this process may use (its CPU affinity: a SLURM allocation, taskset) divided by the processes
-    on this node, as Accelerate computes for `--cpu` launches."""
-    import psutil
-
-    logical = psutil.cpu_count() or os.cpu_count() or 1
-    physical = psutil.cpu_count(logical=False) or logical
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
-    cores = max(1, physical * min(allowed, logical) // logical)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, cores // max(1, local))
 
 
 def set_threads(num_threads: int) -> int:
