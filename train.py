@@ -7,11 +7,11 @@ from distill.threads import prime_omp_threads
 
 prime_omp_threads(sys.argv[1:])  # before torch loads: `accelerate launch` alone would leave OpenMP at one thread
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from distill.config import register_configs  # noqa: E402
-from distill.runner import run_and_score  # noqa: E402
+from distill.config import register_configs
+from distill.runner import run_and_score
 
 register_configs()
 

@@ -57,7 +57,7 @@ class TrainerConfig:
     progress_bar: bool = True
     allow_tf32: bool = True
     num_threads: int = 0  # torch intra-op threads per process; 0: the physical cores this process may use divided
-    #   by the processes on the node (Accelerate's --cpu rule; `accelerate launch` alone would leave OMP at 1)
+    #   by the processes on the node (Accelerate's --cpu rule); train.py sets OMP_NUM_THREADS to it before torch loads
     deepspeed_gloo: bool = False  # DeepSpeed on CPU needs the gloo backend
 
 

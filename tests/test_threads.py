@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+
 from distill.threads import threads_from_argv
 
 
