@@ -8,7 +8,8 @@
    minus the launch time, so it holds everything a user waits for: start-up, data the run writes first (MLCM's
    trajectories), the steps and the checkpoint writes. `--run RUN` skips training and re-scores an earlier run (its
    launch time is read from the `ttq_launch.json` this script wrote there).
-2. Exports every checkpoint and samples it at `--steps` with its card's sampler (the quick bench: N=240 samples, the
+2. Exports every checkpoint (a stage chain's: every stage's, in order, on the one clock) and samples it at those of
+   `--steps` its card samples, with its card's sampler (the quick bench: N=240 samples, the
    same prompts and per-sample seeds as `bench/quality.py --quick`), beside the teacher's DDIM (trailing, CFG 5) at the
    same step counts.
 3. Reports, per step count, the first checkpoint that beats the teacher's DDIM at that step count on BOTH FD and
@@ -52,12 +53,19 @@ def train(experiment: str, run: Path, every: int, overrides: list[str]) -> float
     return launched
 
 
-def checkpoints(run: Path) -> list[tuple[int, Path]]:
-    found = [(int(p.name.split("_")[1]), p) for p in (run / "checkpoints").glob("step_*")
-             if (p / "trainer_state.json").exists()]
+def checkpoints(run: Path) -> list[tuple[str, int, Path, Path]]:
+    """(stage, step, checkpoint, the folder it belongs to) in training order: a single run's checkpoints/, or every
+    stage's stages/NN_name/checkpoints/ of a stage chain (PAD, TSCD, Hyper-SD), stage by stage."""
+    folders = sorted((run / "stages").glob("*/")) if (run / "stages").is_dir() else [run]
+    found = []
+    for folder in folders:
+        stage = folder.name if folder != run else ""
+        ckpts = [(int(p.name.split("_")[1]), p) for p in (folder / "checkpoints").glob("step_*")
+                 if (p / "trainer_state.json").exists()]
+        found += [(stage, step, p, folder) for step, p in sorted(ckpts)]
     if not found:
-        raise SystemExit(f"{run}: no complete checkpoint under checkpoints/")
-    return sorted(found)
+        raise SystemExit(f"{run}: no complete checkpoint under checkpoints/ or stages/*/checkpoints/")
+    return found
 
 
 def first_wins(rows: list[dict], teacher: dict[int, dict]) -> dict[int, dict | None]:
@@ -65,7 +73,7 @@ def first_wins(rows: list[dict], teacher: dict[int, dict]) -> dict[int, dict | N
     out = {}
     for k, t in teacher.items():
         wins = [r for r in rows if r["steps"] == k and r["fd"] < t["fd"] and r["attr_acc"] > t["attr_acc"]]
-        out[k] = min(wins, key=lambda r: r["train_step"]) if wins else None
+        out[k] = min(wins, key=lambda r: (r.get("order", 0), r["train_step"])) if wins else None
     return out
 
 
@@ -75,17 +83,22 @@ def markdown(result: dict) -> str:
     t = {r["steps"]: r for r in result["teacher"]}
     lines.append("| teacher DDIM | - | " + " | ".join(f"{t[k]['fd']:.2f} / {t[k]['attr_acc']:.3f}"
                                                    for k in result["steps"]) + " |")
-    by_step: dict[int, dict[int, dict]] = {}
+    by_ckpt: dict[int, dict[int, dict]] = {}
     for r in result["rows"]:
-        by_step.setdefault(r["train_step"], {})[r["steps"]] = r
-    for step, cells in sorted(by_step.items()):
+        by_ckpt.setdefault(r["order"], {})[r["steps"]] = r
+
+    def cell(c: dict | None) -> str:
+        return "-" if c is None else f"{c['fd']:.2f} / {c['attr_acc']:.3f}" + (" **wins**" if c["beats_teacher"] else "")
+
+    for _, cells in sorted(by_ckpt.items()):
         first = next(iter(cells.values()))
-        lines.append(f"| step {step} | {first['minutes']:.1f} | " + " | ".join(
-            f"{cells[k]['fd']:.2f} / {cells[k]['attr_acc']:.3f}" + (" **wins**" if cells[k]["beats_teacher"] else "")
-            for k in result["steps"]) + " |")
+        name = (f"{first['stage']} " if first["stage"] else "") + f"step {first['train_step']}"
+        lines.append(f"| {name} | {first['minutes']:.1f} | " + " | ".join(cell(cells.get(k)) for k in result["steps"])
+                     + " |")
     lines.append("")
     for k, m in result["minutes_to_beat"].items():
-        lines.append(f"- {k} steps: " + (f"beats the teacher's DDIM-{k} on FD and accuracy at step "
+        where = (f"{result['first_win_stage'][k]} " if result["first_win_stage"][k] else "") + "step "
+        lines.append(f"- {k} steps: " + (f"beats the teacher's DDIM-{k} on FD and accuracy at {where}"
                                           f"{result['first_win_step'][k]}, {m:.1f} wall minutes after launch"
                                           if m is not None else f"never beats the teacher's DDIM-{k} on both"))
     return "\n".join(lines) + "\n"
@@ -117,24 +130,28 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(row), flush=True)
     from distill.export import export_run
 
-    rows = []
-    for step, ckpt in checkpoints(run):
+    rows, order = [], 0
+    for stage, step, ckpt, folder in checkpoints(run):
+        order += 1  # a chain's steps restart per stage: rows are ordered by their checkpoint's place in training
         minutes = ((ckpt / "trainer_state.json").stat().st_mtime - launched) / 60
-        export_dir = export_run(run, checkpoint=str(ckpt), out=run / "ttq_exports" / f"step_{step}", dtype="fp32")
-        for row, imgs in bench.student_rows(export_dir, only_steps=list(teacher)):
-            row.update(bench.metrics(imgs, None), train_step=step, minutes=round(minutes, 2))
+        export_dir = export_run(folder, checkpoint=str(ckpt), dtype="fp32",
+                                out=run / "ttq_exports" / (f"{stage}_step_{step}" if stage else f"step_{step}"))
+        for row, imgs in bench.student_rows(export_dir, only_steps=list(teacher)):  # the stage's own card steps
+            row.update(bench.metrics(imgs, None), stage=stage, train_step=step, order=order,
+                       minutes=round(minutes, 2))
             t = teacher[row["steps"]]
             row["beats_teacher"] = row["fd"] < t["fd"] and row["attr_acc"] > t["attr_acc"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     missing = sorted(set(args.steps) - {r["steps"] for r in rows})
     if missing:
-        raise SystemExit(f"the exports' sampler spec has no {missing}-step sampling (their card's steps)")
+        print(f"no checkpoint's card samples at {missing} steps: those step counts have no rows")
     wins = first_wins(rows, teacher)
     result = {"experiment": args.experiment, "run": str(run), "n": args.n, "steps": sorted(set(args.steps)),
               "teacher": list(teacher.values()), "rows": rows,
               "minutes_to_beat": {k: (w["minutes"] if w else None) for k, w in wins.items()},
-              "first_win_step": {k: (w["train_step"] if w else None) for k, w in wins.items()}}
+              "first_win_step": {k: (w["train_step"] if w else None) for k, w in wins.items()},
+              "first_win_stage": {k: (w["stage"] if w else None) for k, w in wins.items()}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -49,3 +49,21 @@ def test_time_to_quality_trains_scores_every_checkpoint_and_reports(tiny_data, t
     again = ttq.main(["--run", str(run), "--experiment", "lcm_lora_tiny", "--steps", "1", "-n", "8",
                       "--teacher", "distill:random-sdxl", "--out", str(tmp_path / "again.json")])
     assert [r["minutes"] for r in again["rows"]] == [r["minutes"] for r in result["rows"] if r["steps"] == 1]
+
+
+def test_a_stage_chain_is_scored_stage_by_stage_on_one_clock(tiny_data, tmp_path):
+    run = tmp_path / "chain"
+    result = ttq.main(["--experiment", "pcm_lora_tiny", "--every", "1", "--steps", "1", "2", "-n", "8",
+                       "--teacher", "distill:random-sdxl", "--run-dir", str(run), "--out", str(tmp_path / "c.json"),
+                       "+debug=fast", "method.segment_stages=[2,1]", "method.segment_steps=[2]",
+                       "trainer.validation_prompts=[]", "data.batch_size=2"])
+    stages = sorted(p.name for p in (run / "stages").iterdir())
+    assert len(stages) == 2
+    ckpts = sorted({(r["order"], r["stage"], r["train_step"]) for r in result["rows"]})
+    assert [(s, k) for _, s, k in ckpts] == [(stages[0], 1), (stages[0], 2), (stages[1], 1), (stages[1], 2)]
+    minutes = [next(r["minutes"] for r in result["rows"] if r["order"] == o) for o, _, _ in ckpts]
+    assert minutes == sorted(minutes) and minutes[0] > 0  # one clock from the launch across the stages
+    for k in (1, 2):
+        wins = sorted((r["order"], r["stage"]) for r in result["rows"] if r["steps"] == k and r["beats_teacher"])
+        assert result["first_win_stage"][k] == (wins[0][1] if wins else None)
+    assert stages[1] in (tmp_path / "c.md").read_text()
