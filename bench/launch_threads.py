@@ -5,7 +5,7 @@
 
 Each round runs, in alternating order, the same short training run launched two ways:
   readme    `accelerate launch train.py +experiment=NAME ...` (what the README and `make demo` type)
-  explicit  `accelerate launch --num_cpu_threads_per_process P train.py ...` (P = this machine's physical cores)
+  explicit  `accelerate launch --num_cpu_threads_per_process P train.py ...` (P = the trainer's default: physical cores / local processes)
 and reads its speed from metrics.jsonl (`time` at each step; logging every step): samples/s over the steps after the
 first 10. Medians over the rounds; the table goes to OUT.json and OUT.md. Run it on an otherwise idle machine.
 """
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=60)
     args = p.parse_args(argv)
-    import psutil
+    from distill.threads import auto_threads
 
-    threads = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    threads = auto_threads()  # the figure the trainer's default picks: what the explicit launch should match
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append(r)
                 print(json.dumps(r), flush=True)
     med = {v: statistics.median(r["samples_per_s"] for r in runs if r["variant"] == v) for v in ("readme", "explicit")}
-    result = {"experiment": args.experiment, "steps": args.steps, "physical_cores": threads, "runs": runs,
+    result = {"experiment": args.experiment, "steps": args.steps, "threads": threads, "runs": runs,
               "median_samples_per_s": med, "readme_vs_explicit": round(med["readme"] / med["explicit"], 3)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

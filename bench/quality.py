@@ -148,6 +148,11 @@ def markdown(rows: list[dict]) -> str:
     return head
 
 
+def beats(student: dict, teacher: dict) -> bool:
+    """A student row beats a teacher row only when it is better on BOTH FD and attribute accuracy."""
+    return student["fd"] < teacher["fd"] and student["attr_acc"] > teacher["attr_acc"]
+
+
 def verdict(rows: list[dict]) -> str:
     """Each student row beside the teacher's DDIM row at the same step count (first guidance), and who won: a
     student wins only when it is better on BOTH FD and attribute accuracy."""
@@ -161,7 +166,7 @@ def verdict(rows: list[dict]) -> str:
         if r["model"] == "teacher" or t is None:
             continue
         fd, acc = r["fd"] < t["fd"], r["attr_acc"] > t["attr_acc"]
-        word = ("student wins (FD and accuracy)" if fd and acc else "teacher wins (FD and accuracy)" if not (fd or acc)
+        word = ("student wins (FD and accuracy)" if beats(r, t) else "teacher wins (FD and accuracy)" if not (fd or acc)
                 else "split: student better on " + ("FD" if fd else "accuracy") + " only")
         lines.append(f"| {r['model']} | {r['steps']} | {r['fd']:.2f} / {r['attr_acc']:.3f} | "
                      f"{t['fd']:.2f} / {t['attr_acc']:.3f} | {word} |")

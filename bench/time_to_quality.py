@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from quality import Bench  # noqa: E402
+from quality import Bench, beats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def first_wins(rows: list[dict], teacher: dict[int, dict]) -> dict[int, dict | N
     """Per step count: the earliest student row beating the teacher's DDIM row at that count on FD and accuracy."""
     out = {}
     for k, t in teacher.items():
-        wins = [r for r in rows if r["steps"] == k and r["fd"] < t["fd"] and r["attr_acc"] > t["attr_acc"]]
+        wins = [r for r in rows if r["steps"] == k and beats(r, t)]
         out[k] = min(wins, key=lambda r: (r.get("order", 0), r["train_step"])) if wins else None
     return out
 
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         for row, imgs in bench.student_rows(export_dir, only_steps=list(teacher)):  # the stage's own card steps
             row.update(bench.metrics(imgs, None), stage=stage, train_step=step, order=order,
                        minutes=round(minutes, 2))
-            t = teacher[row["steps"]]
-            row["beats_teacher"] = row["fd"] < t["fd"] and row["attr_acc"] > t["attr_acc"]
+            row["beats_teacher"] = beats(row, teacher[row["steps"]])
             rows.append(row)
             print(json.dumps(row), flush=True)
     missing = sorted(set(args.steps) - {r["steps"] for r in rows})
