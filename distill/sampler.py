@@ -171,11 +171,13 @@ class SamplerSpec:
                w_dim: int | None = None, uncond=None) -> Tensor:
         """Latents from `unet` (any callable with UNet2DConditionModel's signature; wrap half-precision nets in
         distill.diffusion.Fp32Io) as the diffusers pipeline with `scheduler()` samples them (the parity tests'
-        contract). `w_dim`: the UNet's time_cond_proj_dim (a w-embedding student); `uncond`: the unconditional
-        branch for classifier-free guidance (used when guidance_scale > 1 and there is no w input)."""
+        contract). `w_dim`: the UNet's time_cond_proj_dim (a w-embedding student; None: read from the UNet's
+        config, so a w-input student is never sampled without its w); `uncond`: the unconditional branch for
+        classifier-free guidance (used when guidance_scale > 1 and there is no w input)."""
         from distill.diffusion import sample_lcm, sample_lightning, sample_teacher
         from distill.models.adapters import guidance_embedding
 
+        w_dim = w_input_dim(unet) if w_dim is None else w_dim
         if w_dim is not None:
             w = torch.full((noise.shape[0],), self.guidance_scale - 1.0, device=noise.device)
             cond = replace(cond, timestep_cond=guidance_embedding(w, w_dim).to(cond.encoder_hidden_states))
@@ -190,6 +192,20 @@ class SamplerSpec:
             return sample_lightning(unet, noise, cond, schedule, num_steps, schedule.prediction_type)
         return sample_teacher(unet, noise, cond, uncond, schedule, num_steps, solver=self.kind,
                               guidance_scale=self.guidance_scale, spacing="trailing")
+
+
+def w_input_dim(unet) -> int | None:
+    """The guidance-embedding width a UNet takes (its time_cond_proj_dim), through the wrappers samplers see
+    (Fp32Io's .unet, DDP's .module); None for a UNet without a w input."""
+    for _ in range(4):
+        cfg = getattr(unet, "config", None)
+        if cfg is not None:
+            return getattr(cfg, "time_cond_proj_dim", None)
+        inner = getattr(unet, "unet", None) or getattr(unet, "module", None)
+        if inner is None:
+            return None
+        unet = inner
+    return None
 
 
 def _with_prediction_type(schedule, prediction_type: str):

@@ -105,3 +105,72 @@ def test_experiment_trains_validates_and_exports_with_its_own_settings(tiny_data
             base = json.loads((d / "stage.json").read_text())["info"]["student_init"] or saved.model.pretrained
             assert info["lora_base"] == base, d
             assert f"on `{base}`" in (d / "export" / "README.md").read_text(), d
+
+
+# The tiny world's own experiments (X_tiny, X_tiny_quality, the embedded default's VAE / teacher / reward / perceptual
+# nets) as shipped, two steps per stage: every setting their own (precision, LoRA, stages and their step shares,
+# schedules, validation step counts and prompts, export dtype); only the step budget, the batch and, where a
+# recipe starts from an earlier run's export (`runs/...`), the model are swapped. A data set the run writes first
+# (teacher ODE pairs, trajectories) is written small (8) into the test's folder, at the experiment's own solver.
+TINY_KEPT = ("trainer.mixed_precision", "trainer.gradient_checkpointing", "trainer.gradient_accumulation_steps",
+             "trainer.export_dtype", "trainer.validation_steps", "trainer.validation_prompts", "method",
+             "optim.scheduler", "data.kind")
+
+
+def _tiny_experiments() -> list[str]:
+    names = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+    return [n for n in names if compose_cfg([f"+experiment={n}"]).model.pretrained not in MODELS]
+
+
+def _tiny_overrides(name: str, out: Path) -> list[str]:
+    cfg = compose_cfg([f"+experiment={name}"])
+    own = cfg.model.pretrained
+    model = own if own.startswith("distill:") else "distill:tiny-world"  # an earlier run's export: the tiny teacher
+    steps = OmegaConf.to_container(cfg.trainer.validation_steps)
+    o = [f"+experiment={name}", "+debug=fast", f"model.pretrained={model}", f"output_dir={out}",
+         "trainer.checkpoint_every_steps=2", f"trainer.validation_steps={steps}"]
+    for key in ("method.pairs", "method.regression.pairs"):  # written by the run, small, at its own solver
+        if OmegaConf.select(cfg, key) is not None and OmegaConf.select(cfg, f"{key}.prompts"):
+            shards = f"{out.parent}/{key.split('.')[-2]}_pairs"
+            o += [f"{key}.num_pairs=8", f"{key}.shards={shards}" if key != "method.pairs" else f"data.shards={shards}"]
+    if cfg.data.kind == "prompts":
+        o.append(f"data.shards={OmegaConf.select(cfg, 'data.shards')}")
+    return o
+
+
+def test_the_tiny_matrix_holds_every_tiny_experiment():
+    names = set(_tiny_experiments())
+    assert {"mlcm_tiny", "mlcm_tiny_quality", "hyper_sd_tiny_quality", "dmd2_tiny_quality", "vae_tiny"} <= names
+    assert not names & set(_real_size_experiments())
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("name", _tiny_experiments())
+def test_tiny_experiment_trains_validates_and_exports_as_shipped(tiny_data, tmp_path, name, fresh_accelerate_state):
+    own = compose_cfg([f"+experiment={name}"])
+    overrides = _tiny_overrides(name, tmp_path / "run")
+    smoke = compose_cfg(overrides)
+    for key in TINY_KEPT:
+        if key == "method":  # every method key but the size of a data set the run writes first
+            a, b = (OmegaConf.to_container(c.method, resolve=False) for c in (smoke, own))
+            for m in (a, b):
+                for sub in (m.get("pairs") or {}, (m.get("regression") or {}).get("pairs") or {}):
+                    sub.pop("num_pairs", None), sub.pop("shards", None)
+            assert a == b, key
+        else:
+            assert _select(smoke, key) == _select(own, key), key
+    run = train(overrides)
+    stages = sorted((run / "stages").iterdir()) if (run / "stages").exists() else [run]
+    for d in stages:
+        saved = OmegaConf.load(d / "config.yaml")
+        assert saved.trainer.mixed_precision == own.trainer.mixed_precision, d
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert rows and rows[-1]["step"] == 2, d
+        assert all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("train/loss")), d
+        assert all(r.get("train/nonfinite_steps", 0) == 0 for r in rows), d
+        if saved.trainer.validation_prompts:
+            assert list((d / "samples").glob("*.png")), f"{d}: no validation grid"
+        assert list((d / "export").rglob("*.safetensors")), f"{d}: no exported weights"
+    if (run / "export" / "export.json").exists():  # a student (a net of the tiny world's own is a model folder)
+        info = json.loads((run / "export" / "export.json").read_text())
+        assert info["dtype"] == {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[own.trainer.export_dtype]

@@ -109,9 +109,11 @@ def test_the_student_is_trained_on_the_trajectory_state_not_on_a_noised_latent(t
     assert x.abs().max() < 100  # no trace of the latents (1e3) it would have noised
 
 
-def test_mlcm_tiny_trains_from_prompts_alone_and_exports(tiny_data, tmp_path):
+@pytest.mark.parametrize("name", ["mlcm_tiny", "mlcm_tiny_quality"])  # the LoRA, and the full student with a w input
+def test_mlcm_tiny_trains_from_prompts_alone_and_exports(tiny_data, tmp_path, name):
     run = tmp_path / "run"
-    train(["+experiment=mlcm_tiny", "+debug=fast", "model.pretrained=distill:tiny-world", "method.lora.rank=4",
+    lora = ["method.lora.rank=4"] if name == "mlcm_tiny" else []
+    train([f"+experiment={name}", "+debug=fast", "model.pretrained=distill:tiny-world", *lora,
            "trainer.validation_prompts=[]", "data.batch_size=4", "method.pairs.num_pairs=8",
            f"data.shards={tmp_path}/traj", f"output_dir={run}"])
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
