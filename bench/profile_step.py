@@ -10,7 +10,13 @@ the trainer's own loop body (`to_batch(next(loader))`, `train_step`) run under t
 the spans inside the methods and the loop (distill.profiling: teacher, target, student, d, backward, clip,
 optimizer, callbacks), plus the loader wait and the VAE / text encoders, labelled here by wrapping them. Host syncs (`aten::item` / `_local_scalar_dense`) and
 casts (`aten::to` / `_to_copy`) are counted over the whole step. The same method's passes timed alone
-(bench/throughput.py, synthetic batch, no loader) are put beside the profile. Writes FILE.json and FILE.md.
+(bench/throughput.py, synthetic batch, no loader) are put beside the profile.
+
+At this size a pass is hundreds of small ops and torch.profiler's per-op cost inflates every one of them, so the
+same loop body then runs `--timed-steps` more steps WITHOUT the profiler, under distill.profiling's SpanTimer only
+(wall-clock per span, and around the loader wait and `to_batch`): that is the real step the goal "within 10% of the
+sum of its passes timed alone" is judged on (`real.train_step_ms` against `alone_sum_parts_ms`). Writes FILE.json
+and FILE.md.
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ def profile_method(name: str, a) -> dict:
                 for _ in range(a.steps):
                     step()
                 wall = (time.perf_counter() - t0) / a.steps
+            real = time_real_steps(tr, it, a.timed_steps) if a.timed_steps else None
             ev = {e.key: e for e in prof.key_averages()}
             per = lambda k: ev[k].cpu_time_total / 1e3 / a.steps if k in ev else 0.0
             passes = {k: per(k) for k in labels if k in ev}
@@ -108,13 +115,41 @@ def profile_method(name: str, a) -> dict:
                        cast_ms=per(CAST_OPS[0]),
                        top_ops=[dict(op=e.key, self_ms=e.self_cpu_time_total / 1e3 / a.steps, calls=e.count / a.steps)
                                 for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]])
+            if real:
+                row["real"] = real
         finally:
             tr.close()
     if a.alone:
         alone = tp.bench_method(name, "tiny", a.batch, a.alone, 1, ov)
         row.update(alone_step_ms=alone["step_ms"], alone_parts_ms=alone["parts_ms"],
                    alone_sum_parts_ms=alone["sum_parts_ms"])
+        if "real" in row:
+            row["real"]["train_step_over_alone_parts"] = row["real"]["train_step_ms"] / alone["sum_parts_ms"] - 1
     return row
+
+
+def time_real_steps(tr, it, steps: int) -> dict:
+    """`steps` iterations of the trainer's loop body without the profiler: medians of the whole iteration, the
+    loader wait, `to_batch` (the encoders on image shards) and `train_step`, and the mean of each span inside it."""
+    import statistics
+
+    from distill.profiling import SpanTimer
+
+    timer, rows = SpanTimer(), []
+    with timer.installed():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            raw = next(it)
+            t1 = time.perf_counter()
+            b = tr.to_batch(raw)
+            t2 = time.perf_counter()
+            tr.train_step([b])
+            tr.step += 1
+            rows.append((t1 - t0, t2 - t1, time.perf_counter() - t2, time.perf_counter() - t0))
+    med = lambda i: 1e3 * statistics.median(r[i] for r in rows)
+    spans = {k: 1e3 * v / steps for k, v in timer.seconds.items()}
+    return dict(steps=steps, step_ms=med(3), loader_ms=med(0), to_batch_ms=med(1), train_step_ms=med(2),
+                spans_ms=spans, spans_sum_ms=sum(spans.values()))
 
 
 def markdown(result: dict) -> str:
@@ -134,6 +169,14 @@ def markdown(result: dict) -> str:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in r["alone_parts_ms"].items())
             lines += [f"Timed alone (bench/throughput.py, synthetic batch, no loader/encoders): step "
                       f"{r['alone_step_ms']:.0f} ms, sum of parts {r['alone_sum_parts_ms']:.0f} ms ({parts}).", ""]
+        if "real" in r:
+            q = r["real"]
+            spans = ", ".join(f"{k} {v:.0f}" for k, v in q["spans_ms"].items())
+            lines += [f"Real step without the profiler ({q['steps']} steps, medians): {q['step_ms']:.0f} ms = loader "
+                      f"{q['loader_ms']:.0f} + to_batch {q['to_batch_ms']:.0f} + train_step {q['train_step_ms']:.0f}"
+                      f" (its spans {q['spans_sum_ms']:.0f}: {spans})"
+                      + (f"; train_step against the passes timed alone: {100 * q['train_step_over_alone_parts']:+.1f}%"
+                         if "train_step_over_alone_parts" in q else "") + ".", ""]
         lines += ["Top ops by self time (ms / step): " + ", ".join(
             f"{o['op']} {o['self_ms']:.1f}" for o in r["top_ops"][:8]), ""]
     return "\n".join(lines)
@@ -147,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", default=str(BENCH.parent / "data" / "tiny_world" / "train" / "{00000..00003}.tar"))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--timed-steps", type=int, default=20, help="real steps timed without the profiler (0: skip)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--alone", type=int, default=5, help="rounds of throughput.py's passes timed alone (0: skip)")
