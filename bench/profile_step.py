@@ -103,10 +103,12 @@ def profile_method(name: str, a) -> dict:
                     step()
                 wall = (time.perf_counter() - t0) / a.steps
             real = time_real_steps(tr, it, a.timed_steps) if a.timed_steps else None
+            latent_side = int(tr.to_batch(next(it)).latents.shape[-1])  # the passes alone at the real batch's size
             ev = {e.key: e for e in prof.key_averages()}
             per = lambda k: ev[k].cpu_time_total / 1e3 / a.steps if k in ev else 0.0
             passes = {k: per(k) for k in labels if k in ev}
-            row = dict(method=name, batch=a.batch, resolution=a.resolution, data_kind=tr.cfg.data.kind,
+            row = dict(method=name, batch=a.batch, resolution=a.resolution, latent_side=latent_side,
+                       data_kind=tr.cfg.data.kind,
                        torch_threads=torch.get_num_threads(), step_ms=1e3 * wall, samples_per_s=a.batch / wall,
                        passes_ms=passes,
                        host_syncs_per_step=sum(ev[k].count for k in SYNC_OPS[:1] if k in ev) / a.steps,
@@ -120,7 +122,7 @@ def profile_method(name: str, a) -> dict:
         finally:
             tr.close()
     if a.alone:
-        alone = tp.bench_method(name, "tiny", a.batch, a.alone, 1, ov)
+        alone = tp.bench_method(name, "tiny", a.batch, a.alone, 1, ov, latent=latent_side)
         row.update(alone_step_ms=alone["step_ms"], alone_parts_ms=alone["parts_ms"],
                    alone_sum_parts_ms=alone["sum_parts_ms"])
         if "real" in row:
@@ -167,7 +169,8 @@ def markdown(result: dict) -> str:
                   f"{100 * r['cast_ms'] / r['step_ms']:.1f}% |", ""]
         if "alone_parts_ms" in r:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in r["alone_parts_ms"].items())
-            lines += [f"Timed alone (bench/throughput.py, synthetic batch, no loader/encoders): step "
+            lines += [f"Timed alone (bench/throughput.py, synthetic batch of {r['latent_side']} x {r['latent_side']} "
+                      f"latents as the real batch's, no loader/encoders): step "
                       f"{r['alone_step_ms']:.0f} ms, sum of parts {r['alone_sum_parts_ms']:.0f} ms ({parts}).", ""]
         if "real" in r:
             q = r["real"]

@@ -251,7 +251,7 @@ def step_and_parts(tr: Trainer, data: Batch, device: torch.device, steps: int, w
 
 # -- one method --------------------------------------------------------------------------------------------
 def bench_method(name: str, size: str, batch: int, steps: int, warmup: int, overrides: list[str] = (),
-                 peak_flops: float | None = None) -> dict:
+                 peak_flops: float | None = None, latent: int | None = None) -> dict:
     """Build `name` at `size`, time the trainer's full step and each of its passes; one result row."""
     cfg = method_config(name, size, batch, list(overrides))
     acc = make_accelerator(cfg)
@@ -262,7 +262,8 @@ def bench_method(name: str, size: str, batch: int, steps: int, warmup: int, over
                  if size == "tiny" else sdxl_components(device, dtype, tmp))
         tr = BenchTrainer(cfg, acc, Path(tmp) / "run", comps)
         try:
-            lat = comps.unet.config.sample_size  # latent side at the trained resolution (8 tiny, 128 SDXL)
+            # latent side: the caller's (the real batch's, bench/profile_step.py) or the UNet's trained one (8 tiny, 128 SDXL)
+            lat = latent or comps.unet.config.sample_size
             data = synthetic_batch(comps.unet.config, batch, lat, cfg.data.resolution, device)
             tr.train_step([data])  # the first step allocates optimizer state: the peak is a whole step's
             peak, mem_kind = peak_memory(device)
