@@ -59,7 +59,8 @@ def test_profile_step_labels_the_real_trainers_passes(tiny_data, tmp_path):
     ps = load_bench("profile_step")
     shards = str(tiny_data / "tiny_world" / "train" / "{00000..00003}.tar")
     result = ps.main(["--out", str(tmp_path / "p.json"), "--methods", "lcd_lora", "--batch", "2", "--resolution", "32",
-                      "--steps", "1", "--warmup", "1", "--alone", "1", "--timed-steps", "2", "--shards", shards])
+                      "--steps", "1", "--warmup", "1", "--alone", "1", "--timed-steps", "2", "--rounds", "2",
+                      "--shards", shards])
     (row,) = result["rows"]
     assert {"loader_next", "text_encode", "vae_encode", "distill/teacher", "distill/target", "distill/student",
             "distill/backward", "distill/optimizer"} <= set(row["passes_ms"])  # the methods' own spans
@@ -69,3 +70,8 @@ def test_profile_step_labels_the_real_trainers_passes(tiny_data, tmp_path):
     assert real["spans_sum_ms"] <= real["train_step_ms"] * real["steps"] and real["to_batch_ms"] > 0
     assert real["train_step_ms"] < real["step_ms"] and "train_step_over_alone_parts" in real
     assert "Real step without the profiler" in (tmp_path / "p.md").read_text()
+    # two paired rounds, real and alone alternating: one ratio each, the median of them reported
+    assert len(row["rounds"]) == 2 and all(q["alone_sum_parts_ms"] > 0 for q in row["rounds"])
+    assert row["median_train_step_over_alone_parts"] == pytest.approx(
+        sum(q["ratio"] for q in row["rounds"]) / 2)
+    assert "Paired rounds" in (tmp_path / "p.md").read_text()
