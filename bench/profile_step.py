@@ -195,7 +195,7 @@ def markdown(result: dict) -> str:
                       + (f"; train_step against the passes timed alone: {100 * q['train_step_over_alone_parts']:+.1f}%"
                          if "train_step_over_alone_parts" in q else "") + ".", ""]
         if len(r.get("rounds", ())) > 1:
-            lines += [f"Paired rounds (real train_step / passes alone, alternating): " + "; ".join(
+            lines += ["Paired rounds (real train_step / passes alone, alternating): " + "; ".join(
                 f"{q['train_step_ms']:.0f} / {q['alone_sum_parts_ms']:.0f} ({100 * q['ratio']:+.1f}%)" for q in r["rounds"])
                 + f"; median {100 * r['median_train_step_over_alone_parts']:+.1f}%.", ""]
         lines += ["Top ops by self time (ms / step): " + ", ".join(
