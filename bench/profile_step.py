@@ -89,12 +89,14 @@ def profile_method(name: str, a) -> dict:
         try:
             labels = label_passes(tr)
             it = iter(tr.loader)
+            latent = {}  # the real batch's latent side: the passes alone run at it
 
             def step():
                 with record_function("loader_next"):
                     raw = next(it)
                 with record_function("to_batch"):
                     b = tr.to_batch(raw)
+                latent["side"] = int(b.latents.shape[-1])
                 tr.train_step([b])
                 tr.step += 1
 
@@ -106,7 +108,7 @@ def profile_method(name: str, a) -> dict:
                     step()
                 wall = (time.perf_counter() - t0) / a.steps
             real = time_real_steps(tr, it, a.timed_steps) if a.timed_steps else None
-            latent_side = int(tr.to_batch(next(it)).latents.shape[-1])  # the passes alone at the real batch's size
+            latent_side = latent["side"]
             ev = {e.key: e for e in prof.key_averages()}
             per = lambda k: ev[k].cpu_time_total / 1e3 / a.steps if k in ev else 0.0
             passes = {k: per(k) for k in labels if k in ev}
@@ -125,18 +127,17 @@ def profile_method(name: str, a) -> dict:
             if a.alone:
                 # rounds: the real step (without the profiler) and the passes alone, alternating, so that both
                 # sides of each paired ratio see the same machine state; the median ratio is the figure
-                alones, pairs = [], []
+                pairs = []
                 for r in range(a.rounds):
-                    if r:
-                        real = time_real_steps(tr, it, a.timed_steps) if a.timed_steps else None
+                    if r and real:
+                        real = time_real_steps(tr, it, a.timed_steps)
                     alone = tp.bench_method(name, "tiny", a.batch, a.alone, 1, ov, latent=latent_side)
-                    alones.append(alone)
+                    if not r:  # the first round's passes are the row's
+                        row.update(alone_step_ms=alone["step_ms"], alone_parts_ms=alone["parts_ms"],
+                                   alone_sum_parts_ms=alone["sum_parts_ms"])
                     if real:
                         pairs.append(dict(train_step_ms=real["train_step_ms"], alone_sum_parts_ms=alone["sum_parts_ms"],
                                           ratio=real["train_step_ms"] / alone["sum_parts_ms"] - 1))
-                alone = alones[0]
-                row.update(alone_step_ms=alone["step_ms"], alone_parts_ms=alone["parts_ms"],
-                           alone_sum_parts_ms=alone["sum_parts_ms"])
                 if pairs:
                     row["real"]["train_step_over_alone_parts"] = pairs[0]["ratio"]
                     row["rounds"] = pairs
