@@ -9,7 +9,7 @@ Metrics per row (same prompts and per-sample seeded noise in every row):
 The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form; `--teacher-guidance 5 3` adds rows at
 other scales; the 50-step reference of mse_t50 is always the first scale). Students sample the way their export's
 sampler spec says (distill.sampler: LCMScheduler, TCDScheduler, Euler or DDIM trailing), using the exported (fused) UNet; `--student-guidance 3 5`
-samples students that take a guidance (w) input at those CFG scales instead of the card's (w = scale - 1), and
+samples students that take a guidance (w) input (w = scale - 1) or were distilled CFG-free at those CFG scales instead of the card's, and
 `--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those gammas (eta).
 """
 
@@ -117,12 +117,13 @@ class Bench:
         pipe = load_export(export_dir, self.comps.path)
         unet = pipe.unet.float().eval()
         w_dim = unet.config.time_cond_proj_dim  # set: the UNet takes the guidance w as an input
-        if guidance is not None and w_dim is not None:
+        cfg_scale = w_dim is not None or bool(info.get("cfg_free"))  # a w input, or the pipeline's own CFG
+        if guidance is not None and cfg_scale:
             spec = replace(spec, guidance_scale=float(guidance))
         if spec.consistency and sampler != "card":
             spec = (replace(spec, kind="lcm", eta=None, etas={}) if sampler == "lcm"
                     else replace(spec, kind="tcd", eta=float(sampler), etas={}))
-        base = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if w_dim is not None else "")
+        base = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if cfg_scale else "")
         for steps in spec.steps:
             if only_steps is not None and steps not in only_steps:
                 continue
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--teacher-guidance", type=float, nargs="+", default=[GUIDANCE],
                    help="CFG scales of the teacher rows (the first one's 50-step images are mse_t50's reference)")
     p.add_argument("--student-guidance", type=float, nargs="+", default=None,
-                   help="CFG scales at which to sample students that take a w input (default: their export's)")
+                   help="CFG scales at which to sample students that take a w input or were distilled CFG-free "
+                        "(default: their export's)")
     p.add_argument("--student-sampler", nargs="+", default=["card"],
                    help="consistency (LCD) students: card (the export's scheduler), lcm (LCMScheduler), or a gamma in "
                         "[0, 1] (TCDScheduler's eta)")

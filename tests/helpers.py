@@ -83,5 +83,6 @@ def assert_pipeline_samples_as_distill(export_dir: Path, steps: int) -> None:
     cond = UNetCond(emb, pooled, torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
     side = 32 // 2 ** (len(comps.vae.config.block_out_channels) - 1)
     lat = spec.sample(pipe.unet, seeded_noise(seeds, (2, 4, side, side)), cond,
-                      NoiseSchedule.from_config(comps.scheduler_config), steps, seeds)
+                      NoiseSchedule.from_config(comps.scheduler_config), steps, seeds,
+                      uncond=cond.zeros_like())  # a CFG card's empty prompt (SDXL: zeros)
     torch.testing.assert_close(decode_latents(comps, lat), ref.clamp(-1, 1), atol=1e-4, rtol=0)

@@ -29,6 +29,7 @@ from distill.diffusion.solvers import (
     euler_sigmas,
     euler_step,
     move,
+    renoise,
     to_x0_eps,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "make_generators",
     "move",
     "randn",
+    "renoise",
     "weight_dtype",
     "sample_lcm",
     "tcd_step",

@@ -57,6 +57,19 @@ def add_noise(
     return x_t
 
 
+def renoise(x_s: Tensor, s: Tensor | int, t: Tensor | int, eps: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """Forward process from s to t >= s, q(x_t | x_s) = N(sqrt(abar_t / abar_s) x_s, (1 - abar_t / abar_s) I) (DDPM's
+    Markov chain marginalised between the two times); s < 0 is the clean end (abar = 1), which is add_noise."""
+    dev = x_s.device
+    ratio = schedule.abar(t, dev) / schedule.abar(s, dev)
+    shape = (-1,) + (1,) * (x_s.ndim - 1)
+    a = ratio.sqrt().to(x_s.dtype)
+    b = (1.0 - ratio).clamp(min=0).sqrt().to(x_s.dtype)
+    if a.ndim:
+        a, b = a.reshape(shape), b.reshape(shape)
+    return a * x_s + b * eps
+
+
 def ddim_step(x0: Tensor, eps: Tensor, s: Tensor | int, schedule: NoiseSchedule) -> Tensor:
     """Deterministic DDIM (eta = 0) to timestep s: x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps
     (arXiv 2010.02502, eq. 12 with sigma_t = 0). s < 0 means clean (abar = 1) and returns x0 exactly."""

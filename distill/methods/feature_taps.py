@@ -119,9 +119,11 @@ class TapDiscriminator(nn.Module):
         return (logits, out) if with_output else logits
 
 
-def frozen_encoder_discriminator(unet: nn.Module, latent_size: int, head_channels: int) -> TapDiscriminator:
-    """PCM's discriminator: the frozen teacher's encoder (its own modules, not copies) with a head per level."""
-    enc = UNetEncoder(unet, share=True).requires_grad_(False).eval()
+def frozen_encoder_discriminator(unet: nn.Module, latent_size: int, head_channels: int,
+                                 share: bool = True) -> TapDiscriminator:
+    """PCM's discriminator: the frozen teacher's encoder (its own modules, or frozen copies with share=False) with a
+    head per level."""
+    enc = UNetEncoder(unet, share=share).requires_grad_(False).eval()
     names = encoder_levels(enc)
     channels, sizes = _level_shapes(unet, latent_size)
     return TapDiscriminator(enc, names, channels, sizes, head_channels, "frozen")

@@ -100,14 +100,19 @@ class LCD(Method):
             self.w_dim = None
         else:
             # from the fp32 weights as stored, not the frozen half-precision teacher
-            self.student = student_with_w_embedding(load_fp32_unet(comps), m.w_embedding_dim).to(device).train()
+            self.w_dim = m.w_embedding_dim if self.w_input() else None
+            unet = load_fp32_unet(comps)
+            self.student = (student_with_w_embedding(unet, self.w_dim) if self.w_dim else unet).to(device).train()
             self.student.requires_grad_(True)
             self.trainable = list(self.student.parameters())
             self.ema = EMA(copy.deepcopy(self.student).requires_grad_(False).eval(), m.ema_decay)
-            self.w_dim = m.w_embedding_dim
         if cfg.trainer.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.modules = {"student": self.student}
+
+    def w_input(self) -> bool:
+        """Whether the student takes the guidance w as an input (a full student's zero-initialised w-embedding)."""
+        return not self.cfg.method.lora.enabled
 
     def optimizers(self) -> list[OptimizerSpec]:
         return [OptimizerSpec("g", [{"params": self.trainable}])]
@@ -197,7 +202,7 @@ class LCD(Method):
         self.student.eval()
         try:
             return self.sampler().sample(Fp32Io(self.student), noise, cond, self.schedule, num_steps, seeds,
-                                         w_dim=self.w_dim)
+                                         w_dim=self.w_dim, uncond=cond.zeros_like())  # uncond: a CFG sampler's
         finally:
             self.student.train(was_training)
 
