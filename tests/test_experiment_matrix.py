@@ -37,8 +37,10 @@ def _overrides(name: str, out: Path, data: Path | None = None) -> list[str]:
         pairs = [f"method.regression.pairs.prompts='{prompts}'",
                  f"method.regression.pairs.shards='{out.parent}/pairs'", "method.regression.pairs.num_pairs=8",
                  "method.regression.pairs.solver_steps=2"]
-    if cfg.data.kind == "pairs":
-        pairs = [f"method.pairs.prompts='{prompts}'", "method.pairs.num_pairs=8", "method.pairs.solver_steps=2"]
+    if cfg.data.kind == "pairs":  # trajectories (MLCM) keep their solve: its timesteps are the skip grid
+        pairs = [f"method.pairs.prompts='{prompts}'", "method.pairs.num_pairs=8"]
+        if not OmegaConf.select(cfg, "method.trajectory"):
+            pairs.append("method.pairs.solver_steps=2")
     if OmegaConf.select(cfg, "method.reward.model") and not cfg.method.reward.model.startswith("distill:"):
         pairs.append("method.reward.model=distill:tiny-reward")  # a reward model is a model: the tiny world's
     if OmegaConf.select(cfg, "method.perceptual"):  # a latent perceptual net is a model: the tiny world's
