@@ -351,19 +351,24 @@ class PCM(LCD):
             self._shared[key] = out
         return out
 
-    def _d_logits(self, x_e: Tensor, to: Tensor, cond: UNetCond, batch: Batch, tag: str) -> Tensor:
-        """D's logits of x at the edge `to`, re-noised to t ~ U[to, to + T / K) (one draw per sample, shared by the
-        real and the fake side), conditioned on the prompt (the teacher's condition: no w-embedding)."""
+    def _d_logits(self, net, xs: list[Tensor], to: Tensor, cond: UNetCond, batch: Batch, tags: list[str]) -> Tensor:
+        """D's logits of each x in `xs` (at the edge `to`), re-noised to t ~ U[to, to + T / K) (one draw per sample,
+        shared by the real and the fake side), conditioned on the prompt (the teacher's condition: no w-embedding).
+        All of `xs` go through `net` as ONE batch (a DDP-wrapped D may run once per backward)."""
         m = self.cfg.method
         T = self.schedule.num_train_timesteps
-        r = batch.randint("t_gan", 0, T // m.num_segments, x_e.device)
+        r = batch.randint("t_gan", 0, T // m.num_segments, to.device)
         t_gan = (to + r).clamp(max=T - 1)
         start = torch.where(to <= 0, -1, to)  # the bottom edge is the clean end (abar = 1)
-        x = renoise(x_e.float(), start, t_gan, batch.randn(f"eps_gan_{tag}", tuple(x_e.shape[1:]), x_e.device),
-                    self.schedule)
+        shape = tuple(xs[0].shape[1:])
+        x = torch.cat([renoise(x_e.float(), start, t_gan, batch.randn(f"eps_gan_{tag}", shape, to.device),
+                               self.schedule) for x_e, tag in zip(xs, tags)])
+        n = len(xs)
+        c = cond if n == 1 else UNetCond(*(None if v is None else torch.cat([v] * n) for v in
+                                           (cond.encoder_hidden_states, cond.text_embeds, cond.time_ids, None)))
         dt = weight_dtype(self.d_raw.net)
         with self.autocast():
-            return self.modules["d"](x.to(dt), t_gan, cond.to(dtype=dt)).float()
+            return net(x.to(dt), t_gan.repeat(n), c.to(dtype=dt)).float()
 
     def losses(self, batch: Batch, phase: str, step: int):
         m = self.cfg.method
@@ -372,8 +377,8 @@ class PCM(LCD):
             with torch.no_grad(), span("student"):
                 pred = self._jump(self.student, x_t, t, to, student_cond)
             with span("d"):
-                l_real = self._d_logits(target, to, cond, batch, "real")
-                l_fake = self._d_logits(pred, to, cond, batch, "fake")
+                l_real, l_fake = self._d_logits(self.modules["d"], [target, pred], to, cond, batch,
+                                                ["real", "fake"]).chunk(2)
             loss_d = torch.relu(1.0 - l_real).mean() + torch.relu(1.0 + l_fake).mean()
             return {"loss": loss_d, "logit_real": l_real.detach().mean(), "logit_fake": l_fake.detach().mean()}
         with span("student"):
@@ -384,8 +389,8 @@ class PCM(LCD):
             loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         if self.discriminator is None:
             return {"loss": loss}
-        with span("d"):
-            loss_gan = torch.relu(1.0 - self._d_logits(pred, to, cond, batch, "fake")).mean()
+        with span("d"):  # D frozen by phase_scope("g") through backward: its raw module
+            loss_gan = torch.relu(1.0 - self._d_logits(self.d_raw, [pred], to, cond, batch, ["fake"])).mean()
         return {"loss": loss + m.gan_weight * loss_gan, "loss_consistency": loss.detach(), "loss_gan": loss_gan.detach()}
 
     # -- sampling and export -----------------------------------------------------------------------------
