@@ -81,8 +81,8 @@ def test_pairs_resume_skip_what_is_written_refuse_other_settings_and_recount(tin
     _pairs(tiny_data, fresh, limit=12, batch_size=12, samples_per_shard=100)
     a, b = _read(out), _read(fresh)
     assert a.keys() == b.keys() and all(a[k]["noise.npy"] == b[k]["noise.npy"] for k in a)  # batch-independent
-    for k in a:  # the same solve (batched matmuls round alike only to fp32 precision)
-        torch.testing.assert_close(_npy(a[k]["latents.npy"]), _npy(b[k]["latents.npy"]), atol=2e-3, rtol=0)
+    for k in a:  # the same solve (batched matmuls round alike only to fp32 precision, then stored fp16: one ulp)
+        torch.testing.assert_close(_npy(a[k]["latents.npy"]), _npy(b[k]["latents.npy"]), atol=2e-3, rtol=2e-3)
     with pytest.raises(ValueError, match="steps: 3 there, 4 now"):
         _pairs(tiny_data, out, steps=4)
     settings = pairs_settings(TEACHER, str(tiny_data / "tiny_world" / "train_prompts.txt"), 3, 5.0, "ddim", 32, 0, 12)
@@ -104,7 +104,7 @@ def test_two_processes_write_the_pairs_one_writes(tiny_data, tmp_path):
     assert one.keys() == two.keys() and len(one) == 10
     assert all(one[k]["noise.npy"] == two[k]["noise.npy"] for k in one)
     for k in one:
-        torch.testing.assert_close(_npy(one[k]["latents.npy"]), _npy(two[k]["latents.npy"]), atol=2e-3, rtol=0)
+        torch.testing.assert_close(_npy(one[k]["latents.npy"]), _npy(two[k]["latents.npy"]), atol=2e-3, rtol=2e-3)
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["complete"]
 
 
