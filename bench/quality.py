@@ -10,7 +10,7 @@ The teacher samples with DDIM, `trailing` spacing, CFG scale 5 (standard form; `
 other scales; the 50-step reference of mse_t50 is always the first scale). Students sample the way their export's
 sampler spec says (distill.sampler: LCMScheduler, TCDScheduler, Euler or DDIM trailing), using the exported (fused) UNet; `--student-guidance 3 5`
 samples students that take a guidance (w) input (w = scale - 1) or were distilled CFG-free at those CFG scales instead of the card's, and
-`--student-sampler lcm 0 0.3` consistency students with LCMScheduler or TCDScheduler at those gammas (eta).
+`--student-sampler lcm 0 0.3` consistency and segmented students with LCMScheduler or TCDScheduler at those gammas (eta).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Bench:
         cfg_scale = w_dim is not None or bool(info.get("cfg_free"))  # a w input, or the pipeline's own CFG
         if guidance is not None and cfg_scale:
             spec = replace(spec, guidance_scale=float(guidance))
-        if spec.consistency and sampler != "card":
+        if sampler != "card" and (spec.consistency or spec.kind == "ddim"):  # a segmented student too (its x0)
             spec = (replace(spec, kind="lcm", eta=None, etas={}) if sampler == "lcm"
                     else replace(spec, kind="tcd", eta=float(sampler), etas={}))
         base = info.get("method", "?") + (f"-cfg{spec.guidance_scale:g}" if cfg_scale else "")
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="CFG scales at which to sample students that take a w input or were distilled CFG-free "
                         "(default: their export's)")
     p.add_argument("--student-sampler", nargs="+", default=["card"],
-                   help="consistency (LCD) students: card (the export's scheduler), lcm (LCMScheduler), or a gamma in "
-                        "[0, 1] (TCDScheduler's eta)")
+                   help="consistency (LCD) and segmented (PCM: a DDIM card) students: card (the export's "
+                        "scheduler), lcm (LCMScheduler), or a gamma in [0, 1] (TCDScheduler's eta)")
     p.add_argument("--sampler-of", default=None, help="sample every student with this export's sampler spec "
                    "(e.g. a Hyper-SD run's export: its stages at the unified card's TCD steps and etas)")
     p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
