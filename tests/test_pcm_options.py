@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from helpers import assert_pipeline_samples_as_distill, compose_cfg, train
 from test_pcm import _batch, _method
+
 from distill.config import ConfigError, validate
 
 CPU = torch.device("cpu")
@@ -38,7 +38,7 @@ def test_cfg_free_teacher_step_is_the_unguided_ode_and_drops_prompts():
     from distill.diffusion import call_unet, ddim_step, to_x0_eps
     from distill.models.adapters import adapters_disabled
 
-    cfg, comps, m = _method("pcm_lora_tiny", "method.cfg_free=true", "method.uncond_prob=0.5")
+    _, comps, m = _method("pcm_lora_tiny", "method.cfg_free=true", "method.uncond_prob=0.5")
     batch = _batch(comps, b=16)
     cond = m._train_cond(batch, CPU)
     zero = (cond.encoder_hidden_states == 0).flatten(1).all(1)
@@ -59,7 +59,7 @@ def test_cfg_free_teacher_step_is_the_unguided_ode_and_drops_prompts():
 
 
 def test_cfg_free_full_student_has_no_w_input_and_samples_with_the_pipelines_cfg():
-    cfg, comps, m = _method("pcm_tiny", "method.cfg_free=true", "method.inference_guidance_scale=2.5")
+    _, _, m = _method("pcm_tiny", "method.cfg_free=true", "method.inference_guidance_scale=2.5")
     assert m.w_dim is None and m.student.config.time_cond_proj_dim is None
     spec = m.sampler()
     assert spec.kind == "ddim" and spec.guidance_scale == 2.5
@@ -100,7 +100,7 @@ def _grads(params) -> bool:
 def test_gan_phases_train_their_own_network_only(experiment):
     """d trains the heads (the student and the teacher's encoder untouched); g trains the student through D's
     activations with the heads frozen; g's loss is the consistency loss of the same batch plus the weighted hinge."""
-    cfg, comps, m = _method(experiment, "method.gan_weight=0.1", "method.gan_head_channels=8")
+    _, comps, m = _method(experiment, "method.gan_weight=0.1", "method.gan_head_channels=8")
     _, _, plain = _method(experiment)
     plain.student.load_state_dict(m.student.state_dict())
     if m.ema is not None:
@@ -136,7 +136,7 @@ def test_gan_phases_train_their_own_network_only(experiment):
 
 
 def test_gan_step_runs_the_teacher_once_for_both_phases():
-    cfg, comps, m = _method("pcm_lora_tiny", "method.gan_weight=0.1", "method.gan_head_channels=8")
+    _, comps, m = _method("pcm_lora_tiny", "method.gan_weight=0.1", "method.gan_head_channels=8")
     calls = []
     comps.unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
     batch = _batch(comps, b=3)
@@ -155,7 +155,7 @@ def test_gan_run_logs_both_phases_checkpoints_d_and_resumes(tiny_data, tmp_path)
             "method.gan_weight=0.1", "method.gan_head_channels=8", "method.gan_lr=5e-4",
             "trainer.checkpoint_every_steps=1", "trainer.max_steps=1", "trainer.validation_steps=[4]"]
     run = train(base)
-    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    ckpt = max((run / "checkpoints").iterdir())
     d_files = [f for f in ckpt.rglob("*.safetensors") if any("heads" in k for k in load_file(str(f)))]
     assert d_files, "the discriminator's heads are in the checkpoint"
     train([*base[:-2], "trainer.max_steps=2", "trainer.validation_steps=[4]", "resume=latest"])
@@ -181,7 +181,7 @@ def test_previous_stage_student_is_the_next_stages_teacher(tiny_data, tmp_path, 
     run = train([f"+experiment={experiment}", "+debug=fast", f"output_dir={tmp_path}/run", "data.batch_size=2",
                  "method.segment_stages=[2,1]", "method.segment_steps=[2]", "method.segment_teacher=previous",
                  "trainer.validation_steps=[1]", *extra])
-    first = sorted((run / "stages").iterdir())[0] / "export"
+    first = min((run / "stages").iterdir()) / "export"
     cfg = validate(compose_cfg([f"+experiment={experiment}", "+debug=fast", "method.num_segments=1",
                                 "method.segment_teacher=previous", "trainer.validation_steps=[1]", *extra]))
     comps = load_components(cfg.model.pretrained, parts=("unet",))
