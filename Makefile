@@ -9,7 +9,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 export DISTILL_DATA := $(abspath $(DATA))
 
-.PHONY: install test test-all demo data tiny-world lint clean
+.PHONY: install test test-all demo data latents tiny-world lint clean
 
 # A virtual environment with CPU torch 2.13.0 first (an unpinned torch pulls a multi-GB CUDA build), then the
 # package with its extras. Re-runs only when pyproject.toml changes.
@@ -29,6 +29,16 @@ $(DATA)/tiny_world/.done: | $(STAMP)
 	touch $@
 
 data: $(DATA)/tiny_world/.done
+
+# The tiny world's training shards as precomputed latent shards (data=wds_latents; about 1 min): no VAE or text
+# encoder in the step. Used by bench/RESULTS.md's "LCD-LoRA on precomputed latents" recipe.
+$(DATA)/tiny_world/latents/.done: $(DATA)/tiny_world/.done
+	rm -rf $(DATA)/tiny_world/latents
+	$(PY) -m distill.prepare latents --shards '$(DATA)/tiny_world/train/{00000..00019}.tar' --model distill:tiny-world \
+		--output $(DATA)/tiny_world/latents --resolution 32 --batch-size 256 --samples-per-shard 2000 --num-workers 1
+	touch $@
+
+latents: $(DATA)/tiny_world/latents/.done
 
 test: install
 	$(PY) -m pytest -m "not slow" -q -n 2 --timeout 900
