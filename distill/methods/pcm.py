@@ -363,12 +363,12 @@ class PCM(LCD):
         shape = tuple(xs[0].shape[1:])
         x = torch.cat([renoise(x_e.float(), start, t_gan, batch.randn(f"eps_gan_{tag}", shape, to.device),
                                self.schedule) for x_e, tag in zip(xs, tags)])
-        n = len(xs)
-        c = cond if n == 1 else UNetCond(*(None if v is None else torch.cat([v] * n) for v in
-                                           (cond.encoder_hidden_states, cond.text_embeds, cond.time_ids, None)))
+        c = cond
+        for _ in xs[1:]:
+            c = c.cat(cond)
         dt = weight_dtype(self.d_raw.net)
         with self.autocast():
-            return net(x.to(dt), t_gan.repeat(n), c.to(dtype=dt)).float()
+            return net(x.to(dt), t_gan.repeat(len(xs)), c.to(dtype=dt)).float()
 
     def losses(self, batch: Batch, phase: str, step: int):
         m = self.cfg.method
