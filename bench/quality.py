@@ -105,10 +105,12 @@ class Bench:
                    "seconds": round(secs, 1)}, imgs
 
     def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card",
-                     spec_of: Path | None = None, only_steps: list[int] | None = None):
+                     spec_of: Path | None = None, only_steps: list[int] | None = None,
+                     steps: list[int] | None = None):
         """Rows of an export sampled by its sampler spec (or by the spec of the export `spec_of`: a chain's stages
         sampled as its final card says); `guidance` overrides a w-input student's scale, `sampler` a consistency
-        student's scheduler (lcm, or a TCD gamma); `only_steps` keeps those of the spec's step counts."""
+        student's scheduler (lcm, or a TCD gamma); `only_steps` keeps those of the spec's step counts, `steps`
+        replaces them."""
         from distill.export import load_export, read_export
 
         info, spec = read_export(export_dir)
@@ -118,6 +120,8 @@ class Bench:
         unet = pipe.unet.float().eval()
         w_dim = unet.config.time_cond_proj_dim  # set: the UNet takes the guidance w as an input
         cfg_scale = w_dim is not None or bool(info.get("cfg_free"))  # a w input, or the pipeline's own CFG
+        if steps:  # other step counts than the card's (a 4-step DMD2 student at 1 and 2 steps)
+            spec = replace(spec, steps=tuple(int(k) for k in steps))
         if guidance is not None and cfg_scale:
             spec = replace(spec, guidance_scale=float(guidance))
         if sampler != "card" and (spec.consistency or spec.kind == "ddim"):  # a segmented student too (its x0)
@@ -201,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "scheduler), lcm (LCMScheduler), or a gamma in [0, 1] (TCDScheduler's eta)")
     p.add_argument("--sampler-of", default=None, help="sample every student with this export's sampler spec "
                    "(e.g. a Hyper-SD run's export: its stages at the unified card's TCD steps and etas)")
+    p.add_argument("--student-steps", type=int, nargs="+", default=None,
+                   help="sample every student at these step counts instead of its card's (its sampler picks the "
+                        "timesteps: a DMD2 4-step student at 1 step is its first step, from pure noise at 999)")
     p.add_argument("-n", type=int, default=None, help="generated samples per row (default 1000, quick 240)")
     p.add_argument("--reward", default=None, help="also score every row with this reward model (a folder or "
                    "distill:tiny-reward, distill/models/reward.py): its mean over the row's images and prompts")
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
             for g in args.student_guidance or [None]:
                 for sampler in args.student_sampler:
                     spec_of = Path(args.sampler_of) if args.sampler_of else None
-                    for row, imgs in bench.student_rows(export_dir, g, sampler, spec_of):
+                    for row, imgs in bench.student_rows(export_dir, g, sampler, spec_of, steps=args.student_steps):
                         add(row, imgs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

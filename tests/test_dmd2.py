@@ -98,6 +98,30 @@ def test_dm_descent_moves_a_generator_mean_onto_the_real_mean():
     assert (mu.detach() - mu_real).abs().max() < 0.05, mu.flatten()
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_fake_score_x0_loss_is_the_eps_loss_weighted_by_inverse_snr(prediction_type):
+    """fake_loss=x0 (DMD's ||mu_fake - x0||^2) weighs each sample's eps error by 1 / SNR(t) = sigma^2 / alpha^2, so
+    the high t where colours and layout are decided carry the loss; fake_loss=eps is the network's own target."""
+    from distill.diffusion import NoiseSchedule, add_noise, to_x0_eps
+    from distill.methods.dmd2 import denoising_target, fake_score_loss
+
+    sched = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                                       "beta_schedule": "scaled_linear", "prediction_type": prediction_type})
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 4, 3, 3, generator=g), torch.randn(6, 4, 3, 3, generator=g)
+    t = torch.tensor([10, 200, 400, 600, 800, 999])
+    x_t = add_noise(x0, eps, t, sched)
+    out = denoising_target(x0, eps, t, sched) + 0.1 * torch.randn(6, 4, 3, 3, generator=g)  # an imperfect net
+    eps_hat = to_x0_eps(out, x_t, t, sched)[1]
+    snr = (sched.alpha(t, x0) / sched.sigma(t, x0)) ** 2
+    want = ((eps_hat - eps) ** 2 / snr).mean()
+    assert torch.allclose(fake_score_loss(out, x_t, x0, eps, t, sched, "x0"), want, rtol=1e-4)
+    assert torch.allclose(fake_score_loss(out, x_t, x0, eps, t, sched, "eps"),
+                          ((out - denoising_target(x0, eps, t, sched)) ** 2).mean())
+    per_t = ((eps_hat - eps) ** 2 / snr).mean(dim=(1, 2, 3))
+    assert per_t[-1] > 50 * per_t[0]  # the last timestep's error outweighs the first's
+
+
 # -- configuration -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("override, key", [
     ("method.student_timesteps=[249,499]", "method.student_timesteps"),
@@ -107,6 +131,7 @@ def test_dm_descent_moves_a_generator_mean_onto_the_real_mean():
     ("method.generator_every_n_steps=0", "method.generator_every_n_steps"),
     ("trainer.validation_steps=[8]", "trainer.validation_steps"),
     ("method.fake.scheduler=exp", "method.fake.scheduler"),
+    ("method.fake_loss=v", "method.fake_loss"),
 ])
 def test_bad_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -118,7 +143,7 @@ def test_optimizers_two_time_scales_own_settings():
                       "method.generator.weight_decay=0.01")
     g, fake = m.optimizers()
     assert (g.name, g.every_n_steps, g.primary, fake.name, fake.every_n_steps) == ("g", 3, True, "fake", 1)
-    assert g.overrides == {"weight_decay": 0.01} and fake.overrides == {"lr": 3e-4, "betas": [0.0, 0.99]}
+    assert g.overrides == {"lr": 2e-6, "weight_decay": 0.01} and fake.overrides == {"lr": 3e-4, "betas": [0.0, 0.99]}
     m.optimizer_specs = [g, fake]
     assert [m.phases(s) for s in range(4)] == [("g", "fake"), ("fake",), ("fake",), ("g", "fake")]
     head = {id(p) for p in m.fake.heads.parameters()}

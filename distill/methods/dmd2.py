@@ -88,6 +88,7 @@ class DMD2Config:
     gan_generator_weight: float = 5e-3  # 0 with gan_fake_weight 0: no GAN head
     gan_fake_weight: float = 1e-2
     head_channels: int = 256  # width of the GAN head on the fake score's mid-block features
+    fake_loss: str = "eps"  # the fake score's denoising loss: eps (its own output's target) | x0 (DMD's form)
     generator: OptimOverrides = field(default_factory=OptimOverrides)
     fake: OptimOverrides = field(default_factory=OptimOverrides)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
@@ -109,6 +110,20 @@ def denoising_target(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule
     if schedule.prediction_type == "sample":
         return x0
     return eps
+
+
+FAKE_LOSSES = ("eps", "x0")
+
+
+def fake_score_loss(out: Tensor, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule,
+                    kind: str) -> Tensor:
+    """The fake score's denoising loss on G's samples x0 (noised to x_t with eps at t). `eps`: MSE of the UNet's
+    output to its own prediction type's target (uniform in eps, so in x0 terms weighted by SNR(t): the high t where a
+    sample's colours and layout are decided barely count). `x0`: MSE of the implied x0 to the sample, DMD's
+    ||mu_fake(x_t, t) - x0||^2 (arXiv 2311.18828, eq. 6): the eps loss weighted by 1 / SNR(t)."""
+    if kind == "x0":
+        return F.mse_loss(to_x0_eps(out, x_t, t, schedule)[0], x0)
+    return F.mse_loss(out, denoising_target(x0, eps, t, schedule))
 
 
 class GeneratorIO:
@@ -147,6 +162,8 @@ class DMD2(PairRegression, GeneratorIO, Method):
             raise ConfigError(f"method.student_timesteps={ts}: expected descending timesteps in [0, 1000)")
         if not 0 <= m.t_min <= m.t_max < 1000:
             raise ConfigError(f"method.t_min={m.t_min}, method.t_max={m.t_max}: expected 0 <= t_min <= t_max < 1000")
+        if m.fake_loss not in FAKE_LOSSES:
+            raise ConfigError(f"method.fake_loss={m.fake_loss!r}: expected one of {', '.join(FAKE_LOSSES)}")
         if m.generator_every_n_steps < 1:
             raise ConfigError(f"method.generator_every_n_steps={m.generator_every_n_steps} must be >= 1")
         if m.gan_generator_weight < 0 or m.gan_fake_weight < 0:
@@ -301,7 +318,7 @@ class DMD2(PairRegression, GeneratorIO, Method):
                 out = out[:b]
             else:
                 logits, out = self._fake_forward(self.modules["fake"], x_t, t, cond)
-        loss_dsm = F.mse_loss(out, denoising_target(x0, eps, t, self.schedule))
+        loss_dsm = fake_score_loss(out, x_t, x0, eps, t, self.schedule, m.fake_loss)
         terms = {"loss_denoise": loss_dsm.detach()}
         loss = loss_dsm
         if self.gan:
