@@ -29,10 +29,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quality import Bench  # noqa: E402
+from quality import Bench
 
-from distill.diffusion import Denoiser, add_noise  # noqa: E402
-from distill.models import decode_latents  # noqa: E402
+from distill.diffusion import Denoiser, add_noise
+from distill.models import decode_latents
 
 TIMESTEPS = (999, 749, 499, 249)
 CHUNK = 80

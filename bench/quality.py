@@ -106,10 +106,10 @@ class Bench:
 
     def student_rows(self, export_dir: Path, guidance: float | None = None, sampler: str = "card",
                      spec_of: Path | None = None, only_steps: list[int] | None = None,
-                     steps: list[int] | None = None):
+                     step_counts: list[int] | None = None):
         """Rows of an export sampled by its sampler spec (or by the spec of the export `spec_of`: a chain's stages
         sampled as its final card says); `guidance` overrides a w-input student's scale, `sampler` a consistency
-        student's scheduler (lcm, or a TCD gamma); `only_steps` keeps those of the spec's step counts, `steps`
+        student's scheduler (lcm, or a TCD gamma); `only_steps` keeps those of the spec's step counts, `step_counts`
         replaces them."""
         from distill.export import load_export, read_export
 
@@ -120,8 +120,8 @@ class Bench:
         unet = pipe.unet.float().eval()
         w_dim = unet.config.time_cond_proj_dim  # set: the UNet takes the guidance w as an input
         cfg_scale = w_dim is not None or bool(info.get("cfg_free"))  # a w input, or the pipeline's own CFG
-        if steps:  # other step counts than the card's (a 4-step DMD2 student at 1 and 2 steps)
-            spec = replace(spec, steps=tuple(int(k) for k in steps))
+        if step_counts:  # other step counts than the card's (a 4-step DMD2 student at 1 and 2 steps)
+            spec = replace(spec, steps=tuple(int(k) for k in step_counts))
         if guidance is not None and cfg_scale:
             spec = replace(spec, guidance_scale=float(guidance))
         if sampler != "card" and (spec.consistency or spec.kind == "ddim"):  # a segmented student too (its x0)
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
             for g in args.student_guidance or [None]:
                 for sampler in args.student_sampler:
                     spec_of = Path(args.sampler_of) if args.sampler_of else None
-                    for row, imgs in bench.student_rows(export_dir, g, sampler, spec_of, steps=args.student_steps):
+                    rows_of = bench.student_rows(export_dir, g, sampler, spec_of, step_counts=args.student_steps)
+                    for row, imgs in rows_of:
                         add(row, imgs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,5 +50,9 @@ def test_quality_bench_samplers_and_guidance(tiny_data, tmp_path):
     grid = Image.open(out.with_suffix(".png"))
     # columns: teacher 50 (once), teacher 2 at each guidance, and 3 samplers x steps 1, 2, 4
     assert grid.width > (1 + 2 + 9) * 32 * 3
+    # --student-steps replaces the card's step counts (a 4-step DMD2 student sampled at 1 and 2 of its timesteps)
+    few = quality.main(["-n", "8", "--teacher", info["teacher"], "--teacher-steps", "50", "--runs", str(run),
+                        "--student-steps", "3", "--out", str(tmp_path / "few.json")])["rows"]
+    assert [r["steps"] for r in few if r["model"] != "teacher"] == [3]
     with pytest.raises(SystemExit):
         quality.main(["--teacher-steps", "4", "--out", str(tmp_path / "x.json")])
