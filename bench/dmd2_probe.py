@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import Bench
 
 from distill.diffusion import Denoiser, add_noise
+from distill.methods.dmd2 import dm_gradient
 from distill.models import decode_latents
 
 TIMESTEPS = (999, 749, 499, 249)
@@ -86,7 +87,7 @@ def particles(b: Bench, teacher, fake, x: torch.Tensor, guidance: float, eta: fl
             out = real_den.guided(x_t, t, c, c.zeros_like(), guidance, form="standard")
             x0_real = real_den.x0_eps(x_t, t, c, out)[0]
             x0_fake = fake_den.x0_eps(x_t, t, c)[0]
-            grad[sl] = (x0_fake - x0_real) / (x0 - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8)
+            grad[sl] = dm_gradient(x0, x0_real, x0_fake)
         x = x - eta * grad
         if (it + 1) % max(1, iters // 4) == 0:
             print(f"iteration {it + 1}", scores(b, x), flush=True)
@@ -95,6 +96,7 @@ def particles(b: Bench, teacher, fake, x: torch.Tensor, guidance: float, eta: fl
 @torch.no_grad()
 def fake_error(b: Bench, teacher, fake, x: torch.Tensor, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
+    t_den, f_den = Denoiser(teacher, b.schedule), Denoiser(fake, b.schedule)
     for lo, hi in [(0, 200), (200, 500), (500, 800), (800, 1000)]:
         err = {"fake": 0.0, "teacher": 0.0, "teacher_cfg5": 0.0}
         chunks = range(0, len(x), CHUNK)
@@ -103,9 +105,8 @@ def fake_error(b: Bench, teacher, fake, x: torch.Tensor, seed: int = 1):
             c, x0 = b.cond.index(sl), x[sl]
             t = torch.randint(lo, hi, (x0.shape[0],), generator=g)
             x_t = add_noise(x0, torch.randn(x0.shape, generator=g), t, b.schedule)
-            t_den = Denoiser(teacher, b.schedule)
             guided = t_den.x0_eps(x_t, t, c, t_den.guided(x_t, t, c, c.zeros_like(), 5.0, form="standard"))[0]
-            for name, pred in (("fake", Denoiser(fake, b.schedule).x0_eps(x_t, t, c)[0]),
+            for name, pred in (("fake", f_den.x0_eps(x_t, t, c)[0]),
                                ("teacher", t_den.x0_eps(x_t, t, c)[0]), ("teacher_cfg5", guided)):
                 err[name] += float(((pred - x0) ** 2).mean()) / len(chunks)
         print(f"t in [{lo}, {hi}): x0 MSE " + ", ".join(f"{k} {v:.4f}" for k, v in err.items()), flush=True)

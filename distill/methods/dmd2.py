@@ -94,13 +94,18 @@ class DMD2Config:
     regression: RegressionConfig = field(default_factory=RegressionConfig)
 
 
-def dm_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """DMD's distribution-matching loss: its gradient in x0 is (x0_fake - x0_real) / mean|x0 - x0_real| per sample
-    (divided by x0.numel() from the mean), the direction from the fake distribution's score to the real one's."""
+def dm_gradient(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """DMD's distribution-matching gradient in x0: (x0_fake - x0_real) / mean|x0 - x0_real| per sample, the
+    direction from the fake distribution's score to the real one's (descend it)."""
     p_real, p_fake = x0 - x0_real, x0 - x0_fake
     scale = p_real.abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True).clamp(min=1e-8)
-    grad = torch.nan_to_num((p_real - p_fake) / scale)
-    return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float())
+    return torch.nan_to_num((p_real - p_fake) / scale)
+
+
+def dm_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """DMD's distribution-matching loss: its gradient in x0 is `dm_gradient` (divided by x0.numel() from the
+    mean)."""
+    return 0.5 * F.mse_loss(x0.float(), (x0 - dm_gradient(x0, x0_real, x0_fake)).detach().float())
 
 
 def denoising_target(x0: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
