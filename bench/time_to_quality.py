@@ -96,11 +96,14 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {first['minutes']:.1f} | " + " | ".join(cell(cells.get(k)) for k in result["steps"])
                      + " |")
     lines.append("")
+    sampled = {r["steps"] for r in result["rows"]}
     for k, m in result["minutes_to_beat"].items():
         where = (f"{result['first_win_stage'][k]} " if result["first_win_stage"][k] else "") + "step "
         lines.append(f"- {k} steps: " + (f"beats the teacher's DDIM-{k} on FD and accuracy at {where}"
                                           f"{result['first_win_step'][k]}, {m:.1f} wall minutes after launch"
-                                          if m is not None else f"never beats the teacher's DDIM-{k} on both"))
+                                          if m is not None else f"never beats the teacher's DDIM-{k} on both"
+                                          if int(k) in sampled else "not sampled (no checkpoint's card samples at "
+                                          f"{k} steps)"))
     return "\n".join(lines) + "\n"
 
 

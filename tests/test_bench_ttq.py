@@ -24,6 +24,16 @@ def test_first_win_needs_both_metrics_and_takes_the_earliest_checkpoint():
     assert wins[4]["train_step"] == 200 and wins[2] is None
 
 
+def test_the_report_tells_a_step_count_never_won_from_one_never_sampled():
+    teacher = [{"steps": k, "fd": 2.0, "attr_acc": 0.8} for k in (1, 4)]
+    rows = [{"steps": 4, "train_step": 60, "order": 1, "stage": "", "minutes": 1.0, "fd": 3.0, "attr_acc": 0.7,
+             "beats_teacher": False}]
+    table = ttq.markdown({"steps": [1, 4], "teacher": teacher, "rows": rows, "minutes_to_beat": {1: None, 4: None},
+                          "first_win_step": {1: None, 4: None}, "first_win_stage": {1: None, 4: None}})
+    assert "- 4 steps: never beats the teacher's DDIM-4" in table
+    assert "- 1 steps: not sampled" in table and "DDIM-1 on both" not in table
+
+
 def test_time_to_quality_trains_scores_every_checkpoint_and_reports(tiny_data, tmp_path):
     run = tmp_path / "run"
     out = tmp_path / "ttq.json"
