@@ -198,7 +198,7 @@ def test_d2gan_trains_on_pairs_it_writes_itself_and_exports_a_one_step_generator
     assert any("train/g_loss_regression" in r or "train/loss_regression" in r for r in rows)
     assert json.loads((tmp_path / "pairs" / "summary.json").read_text())["pairs"] == 8
     info = json.loads((run / "export" / "export.json").read_text())
-    assert info["method"] == ("d2gan-lora" if lora else "d2gan") and info["sampler"]["timesteps"] == {"1": [999]}
+    assert info["method"] == ("d2gan-lora" if lora else "d2gan") and info["sampler"]["timesteps"] == {"1": [399]}
     assert_pipeline_samples_as_distill(run / "export", 1)
 
 

@@ -158,17 +158,22 @@ def test_one_step_warm_up_on_pairs_then_the_method_starts_from_that_generator(ti
     overrides = [f"+experiment={experiment}", "+debug=fast", "trainer.validation_prompts=[]", "data.batch_size=4",
                  *head, "method.regression.steps=3", "method.regression.pairs.num_pairs=8",
                  "method.regression.pairs.solver_steps=2", f"method.regression.pairs.shards={tmp_path}/pairs",
+                 "method.regression.scheduler=cosine", "method.regression.warmup_steps=0",
                  f"output_dir={run}", *(["method.lora.enabled=true", "method.lora.rank=4"] if lora else [])]
     train(overrides)
     warm, dmd = run / "stages" / "00_regression", run / "stages" / f"01_{phase}"
     rows = [json.loads(x) for x in (warm / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and all(r.get("data/images_read", 0) == 0 for r in rows)
     assert all("train/loss_regression" in r and "train/loss_dm" not in r for r in rows if "train/loss" in r)
+    lrs = [r["train/lr_g"] for r in rows if "train/lr_g" in r]  # the warm-up's own cosine over its own 3 steps
+    assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
     assert OmegaConf_load(warm).data.kind == "pairs" and OmegaConf_load(dmd).data.kind == kind
     assert json.loads((tmp_path / "pairs" / "summary.json").read_text())["pairs"] == 8
     dm_rows = [json.loads(x) for x in (dmd / "metrics.jsonl").read_text().splitlines()]
     assert any("train/fake_loss_denoise" in r or "train/fake_loss" in r for r in dm_rows), dm_rows[-1].keys()
     assert all(r.get("data/images_read", 0) == 0 for r in dm_rows) or kind == "images"
+    g_lrs = {r["train/lr_g"] for r in dm_rows if "train/lr_g" in r}  # the method's stage keeps the generator's
+    assert len(g_lrs) == 1, g_lrs
     # the DMD2 stage's generator starts from the warm-up's export, not from the teacher
     from distill.methods import build_method
     from distill.models import load_components

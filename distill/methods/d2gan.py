@@ -43,7 +43,9 @@ DISTANCES = ("perceptual", "l2", "pseudo_huber")
 class D2GANConfig:
     name: str = "d2gan"
     lora: LoraConfig = field(default_factory=LoraConfig)  # disabled: a full fp32 generator
-    timestep: int = 999  # G's conditioning timestep; its input is pure noise
+    # G's conditioning timestep; its input is pure noise. 399 (DMD2's one-step SDXL choice): x0 = (z - sigma eps) /
+    # alpha carries the net's eps error times sigma/alpha, 14.6 at t = 999 and 1.2 at 399 (bench/RESULTS.md, "One step")
+    timestep: int = 399
     distance: str = "perceptual"  # perceptual (the latent perceptual net) | l2 | pseudo_huber (on latents)
     perceptual: Optional[str] = "distill:tiny-latent-lpips"  # the net's folder (train one: latent_lpips)
     ensemble: bool = True  # one random augmentation of both inputs per sample at every call

@@ -107,6 +107,8 @@ class RegressionConfig:
 
     steps: int = 0  # a stage's steps are capped by trainer.max_steps (warned at start): raise both for more
     lr: Optional[float] = None  # null: the generator's
+    scheduler: Optional[str] = None  # null: the generator's (e.g. cosine: decay over the warm-up's own steps)
+    warmup_steps: Optional[int] = None  # null: the generator's
     distance: str = "l2"  # l2 | pseudo_huber, on latents
     huber_c: float = 0.03
     pairs: PairsConfig = field(default_factory=PairsConfig)
@@ -165,9 +167,9 @@ class PairRegression:
     def regression_optimizers(self, generator_overrides: dict):
         from distill.optim import OptimizerSpec
 
-        lr = self.cfg.method.regression.lr
-        return [OptimizerSpec("g", [{"params": self.trainable}],
-                              overrides={**generator_overrides, **({"lr": lr} if lr is not None else {})},
+        r = self.cfg.method.regression
+        own = {k: r[k] for k in ("lr", "scheduler", "warmup_steps") if r[k] is not None}
+        return [OptimizerSpec("g", [{"params": self.trainable}], overrides={**generator_overrides, **own},
                               primary=True)]
 
     def regression_losses(self, batch, timestep: int, x0_of) -> dict:

@@ -56,7 +56,9 @@ DISTANCES = ("pseudo_huber", "l2")
 class SIMConfig:
     name: str = "sim"
     lora: LoraConfig = field(default_factory=LoraConfig)  # disabled: a full fp32 generator
-    timestep: int = 999  # G's conditioning timestep: pure noise in, x0 out, in one step
+    # G's conditioning timestep: pure noise in, x0 out, in one step. From the teacher, 999 (where it already reads pure
+    # noise); after a regression warm-up, 399 (bench/RESULTS.md, "One step: the conditioning timestep")
+    timestep: int = 999
     distance: str = "pseudo_huber"  # pseudo_huber (SIM) | l2 (SiD)
     huber_c: float = 0.03  # pseudo-Huber c, on the per-element RMS of Delta (x0 units)
     alpha: float = 0.5  # 2 (1 - alpha) weights d(Delta): 0.5 = the divergence's exact gradient; SiD-LSG uses 1.2
