@@ -147,10 +147,10 @@ def _unet_state(folder: Path) -> dict:
 
 @pytest.mark.parametrize("experiment,phase,kind,lora", [("dmd2_1step_tiny", "dmd2", "images", False),
                                                         ("dmd2_1step_tiny", "dmd2", "images", True),
-                                                        ("sim_warm_tiny", "sim", "prompts", False)])
+                                                        ("sim_tiny", "sim", "prompts", False)])
 def test_one_step_warm_up_on_pairs_then_the_method_starts_from_that_generator(tiny_data, tmp_path, experiment,
                                                                               phase, kind, lora):
-    """dmd2_1step_tiny and sim_warm_tiny as shipped, shortened: the run writes its pairs, regresses G on them (no
+    """dmd2_1step_tiny and sim_tiny as shipped, shortened: the run writes its pairs, regresses G on them (no
     image read, no fake score), and the method's stage starts from the warm-up's export; the export samples in
     diffusers as distill."""
     run = tmp_path / "run"

@@ -188,11 +188,13 @@ def test_prompt_lists_load_as_captions_without_images(tmp_path):
 
 
 def test_sim_trains_from_prompts_alone_and_exports_a_one_step_generator(tiny_data, tmp_path):
-    """The embedded default's experiment with its own prompt list: no image read (data/images_read == 0 in
-    metrics.jsonl), both phases stepped, and the export samples in the diffusers pipeline as distill does."""
+    """SIM straight from the teacher (sim_from_teacher_tiny) with its own prompt list: no image read
+    (data/images_read == 0 in metrics.jsonl), both phases stepped, and the export samples in the diffusers pipeline as
+    distill does. (sim_tiny, with its warm-up on pairs: tests/test_pairs.py.)"""
     from distill.export import read_export
 
-    run = train(["+experiment=sim_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
+    run = train(["+experiment=sim_from_teacher_tiny", *FAST, f"output_dir={tmp_path}/run",
+                 "trainer.max_steps=2",
                  "model.pretrained=distill:tiny-world", "trainer.export_at_end=true", "trainer.export_dtype=fp32"])
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and all(r["data/images_read"] == 0 for r in rows if "data/images_read" in r)
