@@ -129,7 +129,7 @@ def test_pair_shards_load_with_their_noise_and_a_pair_without_noise_is_a_counted
 
 def test_regression_warm_up_settings_are_checked_naming_the_key(tiny_data, tmp_path):
     base = ["+experiment=dmd2_1step_tiny", f"method.regression.pairs.shards={tmp_path}/none"]
-    with pytest.raises(ConfigError, match="method.regression.steps=300: the pair regression is a 1-step"):
+    with pytest.raises(ConfigError, match="method.regression.steps=1000: the pair regression is a 1-step"):
         validate(compose_cfg([*base, "method.student_timesteps=[999,499]", "trainer.validation_steps=[1]"]))
     with pytest.raises(ConfigError, match="method.regression.distance='l1'"):
         validate(compose_cfg([*base, "method.regression.distance=l1"]))
