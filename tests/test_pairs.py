@@ -133,6 +133,8 @@ def test_regression_warm_up_settings_are_checked_naming_the_key(tiny_data, tmp_p
         validate(compose_cfg([*base, "method.student_timesteps=[999,499]", "trainer.validation_steps=[1]"]))
     with pytest.raises(ConfigError, match="method.regression.distance='l1'"):
         validate(compose_cfg([*base, "method.regression.distance=l1"]))
+    with pytest.raises(ConfigError, match="method.regression.scheduler='cosin'"):
+        validate(compose_cfg([*base, "method.regression.scheduler=cosin"]))
     with pytest.raises(ConfigError, match="method.regression.pairs.solver='dpmpp2m'"):
         validate(compose_cfg([*base, "method.regression.pairs.solver=dpmpp2m"]))
     with pytest.raises(FileNotFoundError, match="method.regression.pairs.shards=.*holds no pair shards"):

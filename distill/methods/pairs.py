@@ -134,6 +134,11 @@ class PairRegression:
                               f"{len(m.student_timesteps)} steps")
         if r.distance not in DISTANCES:
             raise ConfigError(f"method.regression.distance={r.distance!r}: expected one of {DISTANCES}")
+        from distill.optim import SCHEDULES
+
+        if r.scheduler is not None and r.scheduler not in SCHEDULES:
+            raise ConfigError(f"method.regression.scheduler={r.scheduler!r}: expected one of {SCHEDULES} (or null: "
+                              "the generator's)")
         check_pairs(r.pairs, "method.regression.pairs")
 
     @classmethod
