@@ -98,12 +98,15 @@ def markdown(result: dict) -> str:
     lines.append("")
     sampled = {r["steps"] for r in result["rows"]}
     for k, m in result["minutes_to_beat"].items():
-        where = (f"{result['first_win_stage'][k]} " if result["first_win_stage"][k] else "") + "step "
-        lines.append(f"- {k} steps: " + (f"beats the teacher's DDIM-{k} on FD and accuracy at {where}"
-                                          f"{result['first_win_step'][k]}, {m:.1f} wall minutes after launch"
-                                          if m is not None else f"never beats the teacher's DDIM-{k} on both"
-                                          if int(k) in sampled else "not sampled (no checkpoint's card samples at "
-                                          f"{k} steps)"))
+        if m is not None:
+            where = (f"{result['first_win_stage'][k]} " if result["first_win_stage"][k] else "") + "step "
+            verdict = (f"beats the teacher's DDIM-{k} on FD and accuracy at {where}{result['first_win_step'][k]}, "
+                       f"{m:.1f} wall minutes after launch")
+        elif int(k) in sampled:
+            verdict = f"never beats the teacher's DDIM-{k} on both"
+        else:
+            verdict = f"not sampled (no checkpoint's card samples at {k} steps)"
+        lines.append(f"- {k} steps: {verdict}")
     return "\n".join(lines) + "\n"
 
 
