@@ -39,7 +39,9 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = 1000  # optimizer steps (of a chain's stages, those that set no step count of their own)
+    max_stage_steps: Optional[int] = None  # caps every stage's steps, a stage chain's included (debug presets set it
+    #   to trainer.max_steps); None: each stage runs the steps it sets (method.stages[i].max_steps, a warm-up's steps)
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 0
@@ -139,6 +141,8 @@ def _check_combinations(cfg: DictConfig) -> None:
     for key in ("max_steps", "checkpoint_every_steps", "log_every_steps", "gradient_accumulation_steps"):
         if cfg.trainer[key] < 1:
             raise ConfigError(f"trainer.{key}={cfg.trainer[key]} must be >= 1")
+    if cfg.trainer.max_stage_steps is not None and cfg.trainer.max_stage_steps < 1:
+        raise ConfigError(f"trainer.max_stage_steps={cfg.trainer.max_stage_steps} must be >= 1 (or null: no cap)")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be >= 1")
     m = cfg.method

@@ -25,9 +25,10 @@ STAGE = "stage.json"  # what a stage starts from (the method's stage-derived val
 @dataclass
 class Stage:
     """One stage of a run. `info`: the method's stage-derived values (what the student, teacher or LoRA start
-    from; prediction types), never user config keys. `trainer`: trainer.* settings of this stage (max_steps is
-    capped by the user's trainer.max_steps). `data`: data.* settings of this stage (a warm-up on other data: DMD2's
-    regression on teacher ODE pairs); a stage whose data differs from the previous one's starts its own stream.
+    from; prediction types), never user config keys. `trainer`: trainer.* settings of this stage (max_steps: the
+    stage's own count, capped by trainer.max_stage_steps when set; a stage without one runs trainer.max_steps).
+    `data`: data.* settings of this stage (a warm-up on other data: DMD2's regression on teacher ODE pairs); a stage
+    whose data differs from the previous one's starts its own stream.
     `optim`: optim.* settings of this stage. `method`: method.* settings of this stage; with a `name` of another
     method, the stage runs THAT method (a chain of methods on one loop: Hyper-SD's segmented consistency, reward
     fine-tuning and score distillation), its config this dict on that method's schema, checked like a run's."""
@@ -66,9 +67,11 @@ def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> Dic
     from it, and it marks the stage done), in fp32 unless it is the last (small late updates would round away)."""
     c = copy.deepcopy(cfg)
     for key, value in stage.trainer.items():
-        c.trainer[key] = min(value, cfg.trainer.max_steps) if key == "max_steps" else value
-        if key == "max_steps" and value > cfg.trainer.max_steps:  # said, never silent: a debug preset's cap
-            log.warning("stage %r: %d steps capped to trainer.max_steps=%d", stage.name, value, cfg.trainer.max_steps)
+        c.trainer[key] = value
+    cap = cfg.trainer.get("max_stage_steps")
+    if cap is not None and c.trainer.max_steps > cap:  # said, never silent: a debug preset's cap
+        log.warning("stage %r: %d steps capped to trainer.max_stage_steps=%d", stage.name, c.trainer.max_steps, cap)
+        c.trainer.max_steps = cap
     for key, value in stage.data.items():
         c.data[key] = value
     for key, value in stage.optim.items():

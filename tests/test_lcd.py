@@ -112,8 +112,10 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, experiment, capsys):
     capsys.readouterr()
     train([*common, f"output_dir={part}", "trainer.max_steps=4", "resume=latest"])
     said = capsys.readouterr().out
-    # the one setting that changed is named, with the LR note; nothing else (resume itself is not a setting)
-    assert "resumed with changed settings: trainer.max_steps: 2 -> 4 (the LR schedule follows" in said, said
+    # the one setting that changed is named (and the debug preset's stage cap, which follows it), with the LR note;
+    # nothing else (resume itself is not a setting)
+    assert ("resumed with changed settings: trainer.max_stage_steps: 2 -> 4; trainer.max_steps: 2 -> 4 "
+            "(the LR schedule follows") in said, said
     assert "resume:" not in said
     a, b = weights(full, 4), weights(part, 4)
     assert a.keys() == b.keys()

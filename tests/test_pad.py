@@ -109,7 +109,7 @@ def test_head_group_norm_never_normalises_too_few_values():
 
 # -- stage resolution and validation -------------------------------------------------------------------------
 def test_stages_chain_students_teachers_and_loras(tmp_path):
-    cfg = validate(compose_cfg(["method=pad", f"output_dir={tmp_path}", "trainer.max_steps=700"]))
+    cfg = validate(compose_cfg(["method=pad", f"output_dir={tmp_path}", "trainer.max_stage_steps=700"]))
     plan = PAD.plan(cfg, tmp_path)
     stages = [stage_config(cfg, s, True, s.index == len(plan) - 1) for s in plan]
     by = {s.name: SimpleNamespace(**s.info) for s in plan}
@@ -246,7 +246,7 @@ def test_two_stage_run_chains_exports_and_samples_with_diffusers(tiny_data, tmp_
 
 def test_killed_mid_stage_resumes_mid_stage(tiny_data, tmp_path, monkeypatch):
     stages = [TWO[0], {**TWO[1], "max_steps": 4}]
-    overrides = ("trainer.checkpoint_every_steps=1", "trainer.max_steps=100")  # the cap; stages set 1 and 4
+    overrides = ("trainer.checkpoint_every_steps=1", "trainer.max_stage_steps=null")  # the stages set 1 and 4
     original = PAD.losses
 
     def crash(self, batch, phase, step):  # the process dies during stage 1's third step (step_2 is on disk)

@@ -141,6 +141,27 @@ def test_regression_warm_up_settings_are_checked_naming_the_key(tiny_data, tmp_p
         train([*base, "method.regression.pairs.prompts=null", "+debug=fast", f"output_dir={tmp_path}/run"])
 
 
+def test_a_warm_up_runs_its_own_steps_and_only_max_stage_steps_caps_a_stage(caplog):
+    """sim_tiny_quality: 1,000 warm-up steps then trainer.max_steps=500 SIM steps (the warm-up used to be capped at
+    trainer.max_steps); trainer.max_stage_steps (a debug preset's) caps both, said in the log."""
+    from distill.methods import METHOD_CLASSES
+    from distill.stages import stage_config
+
+    def steps(*overrides):
+        cfg = validate(compose_cfg(["+experiment=sim_tiny_quality", *overrides]))
+        plan = METHOD_CLASSES["sim"].plan(cfg, Path("unused"))
+        return [stage_config(cfg, s, True, s.index == len(plan) - 1).trainer.max_steps for s in plan]
+
+    assert steps() == [1000, 500]
+    assert steps("trainer.max_steps=1500") == [1000, 1500]
+    assert steps("trainer.max_stage_steps=700") == [700, 500]
+    with caplog.at_level("WARNING", logger="distill.stages"):
+        assert steps("+debug=fast") == [2, 2] and steps("+debug=fast", "trainer.max_steps=3") == [3, 3]
+    assert "stage 'regression': 1000 steps capped to trainer.max_stage_steps=2" in caplog.text
+    with pytest.raises(ConfigError, match="trainer.max_stage_steps=0 must be >= 1"):
+        validate(compose_cfg(["+experiment=sim_tiny_quality", "trainer.max_stage_steps=0"]))
+
+
 def _unet_state(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -161,11 +182,13 @@ def test_one_step_warm_up_on_pairs_then_the_method_starts_from_that_generator(ti
                  *head, "method.regression.steps=3", "method.regression.pairs.num_pairs=8",
                  "method.regression.pairs.solver_steps=2", f"method.regression.pairs.shards={tmp_path}/pairs",
                  "method.regression.scheduler=cosine", "method.regression.warmup_steps=0",
+                 "trainer.max_stage_steps=null",  # the warm-up runs its own 3 steps, the method's stage 2
                  f"output_dir={run}", *(["method.lora.enabled=true", "method.lora.rank=4"] if lora else [])]
     train(overrides)
     warm, dmd = run / "stages" / "00_regression", run / "stages" / f"01_{phase}"
     rows = [json.loads(x) for x in (warm / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 2 and all(r.get("data/images_read", 0) == 0 for r in rows)
+    assert max(r["step"] for r in rows) == 3 and all(r.get("data/images_read", 0) == 0 for r in rows)
+    assert max(json.loads(x)["step"] for x in (run / "stages" / f"01_{phase}" / "metrics.jsonl").open()) == 2
     assert all("train/loss_regression" in r and "train/loss_dm" not in r for r in rows if "train/loss" in r)
     lrs = [r["train/lr_g"] for r in rows if "train/lr_g" in r]  # the warm-up's own cosine over its own 3 steps
     assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]

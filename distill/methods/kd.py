@@ -59,7 +59,7 @@ class KDStageConfig:
 
     name: str = "stage"  # also its folder: stages/<index>_<name>
     student: KDStudentConfig = field(default_factory=KDStudentConfig)
-    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_steps)
+    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_stage_steps)
 
 
 @dataclass

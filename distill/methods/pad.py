@@ -71,7 +71,7 @@ class PADStage:
     objective: str = "adversarial"  # mse | adversarial | x0 (1-step conversion: MSE against the frozen eps model)
     discriminator: str = "conditional"  # conditional (on x_t) | unconditional
     lora: bool = True  # train a LoRA (merged into the next stage's start) or the full UNet
-    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_steps)
+    max_steps: int = 100  # optimizer steps of this stage (capped by trainer.max_stage_steps)
     guidance_scale: float = 1.0  # teacher CFG scale (the paper's 128 -> 32 MSE stage uses 6, no other stage)
     renoise_timesteps: list[int] = field(default_factory=list)  # 1-step stage: t* to re-noise both outputs to
     renoise_weights: list[float] = field(default_factory=list)  # relative odds of each t* (empty: equal)

@@ -105,7 +105,7 @@ class RegressionConfig:
     """A one-step generator's warm-up on teacher ODE pairs (DMD2's 1-step recipe): a first stage of `steps` steps
     regressing G's one step from each pair's noise onto the teacher's solution from it; steps 0: none."""
 
-    steps: int = 0  # a stage's steps are capped by trainer.max_steps (warned at start): raise both for more
+    steps: int = 0  # the warm-up stage's own steps (the method's stage runs trainer.max_steps)
     lr: Optional[float] = None  # null: the generator's
     scheduler: Optional[str] = None  # null: the generator's (e.g. cosine: decay over the warm-up's own steps)
     warmup_steps: Optional[int] = None  # null: the generator's
