@@ -142,7 +142,7 @@ def test_regression_warm_up_settings_are_checked_naming_the_key(tiny_data, tmp_p
 
 
 def test_a_warm_up_runs_its_own_steps_and_only_max_stage_steps_caps_a_stage(caplog):
-    """sim_tiny_quality: 1,000 warm-up steps then trainer.max_steps=500 SIM steps (the warm-up used to be capped at
+    """sim_tiny_quality: 2,000 warm-up steps then trainer.max_steps=250 SIM steps (the warm-up used to be capped at
     trainer.max_steps); trainer.max_stage_steps (a debug preset's) caps both, said in the log."""
     from distill.methods import METHOD_CLASSES
     from distill.stages import stage_config
@@ -152,12 +152,12 @@ def test_a_warm_up_runs_its_own_steps_and_only_max_stage_steps_caps_a_stage(capl
         plan = METHOD_CLASSES["sim"].plan(cfg, Path("unused"))
         return [stage_config(cfg, s, True, s.index == len(plan) - 1).trainer.max_steps for s in plan]
 
-    assert steps() == [1000, 500]
-    assert steps("trainer.max_steps=1500") == [1000, 1500]
-    assert steps("trainer.max_stage_steps=700") == [700, 500]
+    assert steps() == [2000, 250]
+    assert steps("trainer.max_steps=1500") == [2000, 1500]
+    assert steps("trainer.max_stage_steps=700") == [700, 250]
     with caplog.at_level("WARNING", logger="distill.stages"):
         assert steps("+debug=fast") == [2, 2] and steps("+debug=fast", "trainer.max_steps=3") == [3, 3]
-    assert "stage 'regression': 1000 steps capped to trainer.max_stage_steps=2" in caplog.text
+    assert "stage 'regression': 2000 steps capped to trainer.max_stage_steps=2" in caplog.text
     with pytest.raises(ConfigError, match="trainer.max_stage_steps=0 must be >= 1"):
         validate(compose_cfg(["+experiment=sim_tiny_quality", "trainer.max_stage_steps=0"]))
 
