@@ -75,3 +75,12 @@ def test_profile_step_labels_the_real_trainers_passes(tiny_data, tmp_path):
     assert row["median_train_step_over_alone_parts"] == pytest.approx(
         sum(q["ratio"] for q in row["rounds"]) / 2)
     assert "Paired rounds" in (tmp_path / "p.md").read_text()
+
+
+def test_teacher_pass_bench_times_two_equal_teachers(tmp_path):
+    """bench/teacher_pass.py: both teachers give the same output (the script asserts it) and each gets its rounds."""
+    result = load_bench("teacher_pass").main(["--out", str(tmp_path / "tp.json"), "--model", str(tmp_path / "model"),
+                                              "--batch", "1", "--side", "8", "--rounds", "2", "--reps", "1"])
+    assert json.loads((tmp_path / "tp.json").read_text())["batch"] == 2
+    assert all(len(v) == 2 and min(v) > 0 for v in result["ms"].values())
+    assert set(result["median_ms"]) == {"adapters_disabled", "plain_copy"} and result["plain_over_disabled"] > 0
