@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from diffusers import UNet2DConditionModel
+    from reference import build_model
 
     from distill.config import LoraConfig
     from distill.models.adapters import adapters_disabled, add_lora
-    from reference import build_model
 
     folder = build_model(Path(a.model))
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
