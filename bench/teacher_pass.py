@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     from diffusers import UNet2DConditionModel
     from reference import build_model
+    from unet_call import _inputs as unet_inputs
 
     from distill.config import LoraConfig
     from distill.models.adapters import adapters_disabled, add_lora
@@ -46,22 +47,17 @@ def main(argv: list[str] | None = None) -> dict:
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     plain = copy.deepcopy(unet).requires_grad_(False)
     add_lora(unet, a.rank, None, 0.0, LoraConfig().target_modules)
-    c, n = unet.config, 2 * a.batch
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, c.in_channels, a.side, a.side, generator=g)
-    t = torch.randint(0, 1000, (n,), generator=g)
-    emb = torch.randn(n, 77, c.cross_attention_dim, generator=g)
-    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(n, pooled, generator=g), "time_ids": torch.zeros(n, 6)}
+    n = 2 * a.batch
+    args, kw = unet_inputs(unet, n, a.side)  # bench/unet_call.py's SDXL call: latents, t, text and time ids
 
     @torch.no_grad()
     def disabled():
         with adapters_disabled(unet):
-            return unet(x, t, emb, added_cond_kwargs=added).sample
+            return unet(*args, **kw).sample
 
     @torch.no_grad()
     def separate():
-        return plain(x, t, emb, added_cond_kwargs=added).sample
+        return plain(*args, **kw).sample
 
     torch.testing.assert_close(disabled(), separate())  # the same teacher either way
     ms = {"adapters_disabled": [], "plain_copy": []}

@@ -68,7 +68,7 @@ def stage_config(cfg: DictConfig, stage: Stage, staged: bool, last: bool) -> Dic
     c = copy.deepcopy(cfg)
     for key, value in stage.trainer.items():
         c.trainer[key] = value
-    cap = cfg.trainer.get("max_stage_steps")
+    cap = cfg.trainer.max_stage_steps
     if cap is not None and c.trainer.max_steps > cap:  # said, never silent: a debug preset's cap
         log.warning("stage %r: %d steps capped to trainer.max_stage_steps=%d", stage.name, c.trainer.max_steps, cap)
         c.trainer.max_steps = cap
