@@ -51,6 +51,10 @@ def scheduler_desc(info: dict) -> str:
     if spec.consistency:
         desc = (f"{spec.scheduler_class} from the teacher's scheduler config, "
                 f"original_inference_steps={spec.grid}")
+        if len(spec.timesteps) > 1:  # a student trained at its own timesteps per step count (DMD2's 1-step mode)
+            per = "; ".join(f"{n} step{'' if n == 1 else 's'}: timesteps={list(spec.timesteps[n])}"
+                            for n in spec.steps if n in spec.timesteps)
+            desc += f", explicit timesteps in the pipeline call by step count ({per})"
         if spec.kind == "tcd" and spec.etas:
             per = ", ".join(f"{n} step{'' if n == 1 else 's'}: {spec.eta_at(n):g}" for n in spec.steps)
             return desc + f", eta (gamma) in the pipeline call by step count ({per})"

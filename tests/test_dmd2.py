@@ -132,10 +132,14 @@ def test_fake_score_x0_loss_is_the_eps_loss_weighted_by_inverse_snr(prediction_t
     ("trainer.validation_steps=[8]", "trainer.validation_steps"),
     ("method.fake.scheduler=exp", "method.fake.scheduler"),
     ("method.fake_loss=v", "method.fake_loss"),
+    ("method.one_step_timestep=749", "method.one_step_timestep"),
+    ("method.one_step_timestep=1000", "method.one_step_timestep"),
+    ("method.one_step_timestep=399 method.student_timesteps=[999] trainer.validation_steps=[1]",
+     "method.one_step_timestep"),
 ])
 def test_bad_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_cfg(["+experiment=dmd2_tiny", override]))
+        validate(compose_cfg(["+experiment=dmd2_tiny", *override.split()]))
 
 
 def test_optimizers_two_time_scales_own_settings():
@@ -189,6 +193,80 @@ def test_backward_simulation_runs_the_generator_from_pure_noise_at_the_student_t
     assert ks == {0, 1, 2, 3}, "k is drawn uniformly over the student's steps"
 
 
+def test_a_one_step_mode_is_one_more_slot_of_backward_simulation_from_pure_noise_at_its_own_timestep():
+    """method.one_step_timestep: k in [0, K]; k = K is G's one step from pure noise at 399 (no simulated steps),
+    the rest is the 4-step chain as before (the same k for the same step where both draw below K)."""
+    _, comps, m = _method("method.one_step_timestep=399")
+    batch = _batch(comps, side=_side(m))
+    calls = []
+    hook = m.generator.register_forward_pre_hook(lambda mod, args: calls.append(int(args[1][0])))
+    try:
+        seen = set()
+        for step in range(60):
+            k = m.simulated_steps(step)
+            seen.add(k)
+            calls.clear()
+            x, t = m.generator_input(batch, step)
+            if k == 4:
+                assert calls == [] and (t == 399).all()
+                assert torch.equal(x, batch.randn("z", tuple(batch.latents.shape[1:]), x.device))
+            else:
+                assert calls == [999, 749, 499, 249][:k] and (t == [999, 749, 499, 249][k]).all()
+    finally:
+        hook.remove()
+    assert seen == {0, 1, 2, 3, 4}
+    spec = m.sampler()
+    assert spec.steps == (1, 4) and spec.timesteps == {4: (999, 749, 499, 249), 1: (399,)}
+
+
+def test_a_one_step_mode_takes_the_regression_warm_up_at_its_own_timestep():
+    """The pair regression warm-up, allowed for a multi-step student with a 1-step mode, regresses G's one step
+    from each pair's noise at one_step_timestep (what its 1-step sampler runs), not at the chain's first 999."""
+    import dataclasses
+
+    cfg = validate(compose_cfg(["+experiment=dmd2_1step_tiny", "method.student_timesteps=[999,749,499,249]",
+                                "method.one_step_timestep=399", "trainer.validation_steps=[1,4]"]))
+    assert cfg.method.regression.steps > 0
+    _, comps, m = _method("method.one_step_timestep=399")
+    m.regression = True
+    batch = _batch(comps, side=_side(m))
+    batch = dataclasses.replace(batch, noise=torch.randn_like(batch.latents))
+    calls = []
+    hook = m.generator.register_forward_pre_hook(lambda mod, args: calls.append((args[0], int(args[1][0]))))
+    try:
+        m.losses(batch, "g", 0)["loss_regression"]
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and calls[0][1] == 399 and torch.equal(calls[0][0], batch.noise)
+
+
+def test_the_warm_up_keeps_the_chain_on_the_teacher_with_keep_weight():
+    """regression.keep_weight adds MSE(G, teacher) at pair latents noised to the chain's timesteps: 0 while G is
+    the teacher, > 0 once G moved; only a student with a 1-step mode takes it (a ConfigError naming the key)."""
+    import dataclasses
+
+    _, comps, m = _method("method.one_step_timestep=399", "method.regression.keep_weight=2.0")
+    m.regression = True
+    batch = _batch(comps, side=_side(m))
+    batch = dataclasses.replace(batch, noise=torch.randn_like(batch.latents))
+    calls = []
+    hook = m.generator.register_forward_pre_hook(lambda mod, args: calls.append(args[1].tolist()))
+    try:
+        out = m.losses(batch, "g", 0)
+    finally:
+        hook.remove()
+    assert float(out["loss_keep"]) == 0 and torch.allclose(out["loss"], out["loss_regression"])
+    assert calls[0] == [399] * 4 and set(calls[1]) <= {999, 749, 499, 249}
+    with torch.no_grad():
+        next(p for p in m.generator.parameters() if p.ndim == 4).add_(0.05)
+    out = m.losses(batch, "g", 0)
+    assert float(out["loss_keep"]) > 0
+    torch.testing.assert_close(out["loss"], out["loss_regression"] + 2.0 * out["loss_keep"])
+    for bad in (["method.regression.keep_weight=1.0"], ["method.one_step_timestep=399", "method.regression.keep_weight=-1"]):
+        with pytest.raises(ConfigError, match=r"method\.regression\.keep_weight"):
+            validate(compose_cfg(["+experiment=dmd2_tiny", *bad]))
+
+
 def test_without_backward_simulation_the_input_is_a_noised_data_latent():
     from distill.diffusion import add_noise
 
@@ -223,19 +301,27 @@ def test_cadence_resumes_exactly_and_logs_each_side(tiny_data, tmp_path):
     assert [r["train/lr_fake"] for r in rows][:3] == pytest.approx([2e-4 / 3, 1e-4, 1e-4])
 
 
-@pytest.mark.parametrize("steps", [4, 1])
-def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp_path, steps):
+@pytest.mark.parametrize("steps, one_step", [(4, None), (1, None), (1, 399)])
+def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp_path, steps, one_step):
     """The exported generator and its sampler spec (LCMScheduler at explicit timesteps) in the diffusers SDXL
-    pipeline give the images distill's own sampler gives."""
+    pipeline give the images distill's own sampler gives; a 4-step student with a 1-step mode samples 1 step at
+    its own timestep and names both in its card."""
     from distill.export import read_export
 
-    ts = "[999,749,499,249]" if steps == 4 else "[399]"
+    ts = "[999,749,499,249]" if steps == 4 or one_step else "[399]"
+    extra = [] if one_step is None else [f"method.one_step_timestep={one_step}"]
     run = train(["+experiment=dmd2_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
                  "model.pretrained=distill:tiny-world", "trainer.export_at_end=true", "trainer.export_dtype=fp32",
-                 f"method.student_timesteps={ts}", f"trainer.validation_steps=[{steps}]"])
+                 f"method.student_timesteps={ts}", f"trainer.validation_steps=[{steps}]", *extra])
     info, spec = read_export(run / "export")
-    assert info["method"] == "dmd2" and spec.kind == "lcm" and spec.timesteps == {steps: tuple(json.loads(ts))}
-    assert f"timesteps={json.loads(ts)}" in (run / "export" / "README.md").read_text()
+    want = {len(json.loads(ts)): tuple(json.loads(ts))}
+    if one_step is not None:
+        want[1] = (one_step,)
+    assert info["method"] == "dmd2" and spec.kind == "lcm" and spec.timesteps == want
+    card = (run / "export" / "README.md").read_text()
+    assert f"timesteps={json.loads(ts)}" in card
+    if one_step is not None:
+        assert f"timesteps=[{one_step}]" in card, "the card names the 1-step timestep"
     assert_pipeline_samples_as_distill(run / "export", steps)
 
 

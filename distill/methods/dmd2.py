@@ -28,6 +28,11 @@ from `distill.prepare pairs`, written by the run itself when `regression.pairs.p
 score; the second is DMD2 proper, G starting from the first stage's export. (The paper's distance is LPIPS on decoded
 images; here a latent L2 or pseudo-Huber: no decode in the loop.)
 
+A multi-step student with a 1-step mode (`one_step_timestep`, e.g. 399 beside 999/749/499/249): the 1-step mode is
+one more slot of backward simulation (pure noise in at its own timestep, never one the chain visits), the sampler
+spec names both step counts' timesteps, and the warm-up regresses that mode, optionally (`regression.keep_weight`)
+holding G's outputs at the chain's timesteps on the teacher's so the chain is not unlearnt.
+
 Gradient isolation: the "fake" phase runs G under no_grad through its raw module; the "g" phase holds the fake
 score (UNet and head) frozen through forward and backward (`phase_scope`), and the teacher never trains.
 """
@@ -80,6 +85,9 @@ class DMD2Config:
     name: str = "dmd2"
     lora: LoraConfig = field(default_factory=LoraConfig)  # disabled: a full fp32 generator
     student_timesteps: list[int] = field(default_factory=lambda: [999, 749, 499, 249])  # [399]: a 1-step student
+    # a multi-step student that ALSO samples in one step: pure noise in at this conditioning timestep (one that the
+    # multi-step chain never visits, e.g. 399), x0 out; trained as one more slot of backward simulation (null: none)
+    one_step_timestep: Optional[int] = None
     backward_simulation: bool = True  # G's inputs from its own earlier steps (false: noised data latents)
     guidance_scale: float = 8.0  # the real score's CFG (standard form: uncond + s (cond - uncond))
     t_min: int = 20  # the distribution-matching loss's timesteps t ~ U[t_min, t_max]
@@ -165,6 +173,11 @@ class DMD2(PairRegression, GeneratorIO, Method):
         ts = list(m.student_timesteps)
         if not ts or any(not 0 <= t < 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
             raise ConfigError(f"method.student_timesteps={ts}: expected descending timesteps in [0, 1000)")
+        one = m.one_step_timestep
+        if one is not None and (len(ts) < 2 or one in ts or not 0 <= one < 1000):
+            raise ConfigError(f"method.one_step_timestep={one}: a multi-step student's extra 1-step mode takes a "
+                              f"timestep in [0, 1000) that method.student_timesteps={ts} does not visit (a 1-step "
+                              "student sets student_timesteps=[t] instead)")
         if not 0 <= m.t_min <= m.t_max < 1000:
             raise ConfigError(f"method.t_min={m.t_min}, method.t_max={m.t_max}: expected 0 <= t_min <= t_max < 1000")
         if m.fake_loss not in FAKE_LOSSES:
@@ -184,7 +197,7 @@ class DMD2(PairRegression, GeneratorIO, Method):
             sched = m[side].scheduler
             if sched is not None and sched not in ("constant", "linear", "cosine"):
                 raise ConfigError(f"method.{side}.scheduler={sched!r}: expected constant | linear | cosine")
-        cls.check_regression(m, one_step=len(ts) == 1)
+        cls.check_regression(m, one_step=len(ts) == 1 or one is not None, chain=one is not None)
 
     @classmethod
     def plan(cls, cfg: DictConfig, run_dir: Path) -> list[Stage]:
@@ -196,6 +209,7 @@ class DMD2(PairRegression, GeneratorIO, Method):
         m = cfg.method
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.timesteps = torch.tensor(list(m.student_timesteps), dtype=torch.long, device=device)
+        self.one_step = m.one_step_timestep  # the extra 1-step mode's conditioning timestep (None: none)
         self.teacher = comps.unet.requires_grad_(False).eval()
         init = self.regression_setup(stage, m.guidance_scale)  # the warm-up stage: G alone, on pairs
         self.gan = m.gan_generator_weight > 0 and not self.regression
@@ -243,15 +257,23 @@ class DMD2(PairRegression, GeneratorIO, Method):
             return Denoiser(unet, self.schedule).x0_eps(x, t, cond)[0]
 
     def simulated_steps(self, step: int) -> int:
-        """k for training step `step`: G's earlier steps before the one trained (uniform in [0, K))."""
+        """k for training step `step`: G's earlier steps before the one trained (uniform in [0, K)); with a
+        1-step mode, uniform in [0, K], k = K meaning the 1-step mode (pure noise in at one_step_timestep)."""
         g = torch.Generator().manual_seed(int(self.cfg.trainer.seed) * 1_000_003 + int(step))
-        return int(torch.randint(0, len(self.timesteps), (1,), generator=g))
+        return int(torch.randint(0, len(self.timesteps) + (self.one_step is not None), (1,), generator=g))
+
+    def one_step_timestep(self) -> int:
+        """The timestep of G's one step from pure noise (the 1-step sampler's; the regression warm-up's)."""
+        return int(self.timesteps[0]) if self.one_step is None else int(self.one_step)
 
     def generator_input(self, batch: Batch, step: int) -> tuple[Tensor, Tensor]:
         """(x, t): G's training input and its timestep (backward simulation, see the module doc)."""
         x0 = batch.latents
         dev, shape = x0.device, tuple(x0.shape[1:])
         k = self.simulated_steps(step)
+        if k == len(self.timesteps):  # the 1-step mode: pure noise in at its own conditioning timestep
+            t = torch.full((x0.shape[0],), self.one_step_timestep(), dtype=torch.long, device=dev)
+            return batch.randn("z", shape, dev), t
         t = self.timesteps[k].expand(x0.shape[0])
         if not self.cfg.method.backward_simulation:
             return add_noise(x0, batch.randn("eps_in", shape, dev), t, self.schedule, pure_noise_at_T=True), t
@@ -272,8 +294,25 @@ class DMD2(PairRegression, GeneratorIO, Method):
     # -- losses --------------------------------------------------------------------------------------------
     def losses(self, batch: Batch, phase: str, step: int) -> dict[str, Tensor]:
         if self.regression:
-            return self.regression_losses(batch, int(self.timesteps[0]), self._generator_x0)
+            out = self.regression_losses(batch, self.one_step_timestep(), self._generator_x0)
+            w = float(self.cfg.method.regression.keep_weight)
+            if w > 0:
+                keep = self._keep_chain_loss(batch)
+                out = {**out, "loss": out["loss"] + w * keep, "loss_keep": keep.detach()}
+            return out
         return self._generator_losses(batch, step) if phase == "g" else self._fake_losses(batch, step)
+
+    def _keep_chain_loss(self, batch: Batch) -> Tensor:
+        """The warm-up's second term (regression.keep_weight): MSE between G's and the teacher's UNet outputs at
+        the pair latents noised to one of the multi-step chain's timesteps per sample."""
+        dev, shape = batch.latents.device, tuple(batch.latents.shape[1:])
+        t = self.timesteps[batch.randint("k_keep", 0, len(self.timesteps), dev)]
+        x_t = add_noise(batch.latents.float(), batch.randn("eps_keep", shape, dev), t, self.schedule)
+        with torch.no_grad(), span("teacher"), self.autocast():
+            want = self.real_score().output(x_t, t, batch.cond).float()
+        with span("student"), self.autocast():
+            have = Denoiser(self.modules["generator"], self.schedule).output(x_t, t, batch.cond).float()
+        return F.mse_loss(have, want)
 
     def _generator_losses(self, batch: Batch, step: int) -> dict[str, Tensor]:
         m, cond = self.cfg.method, batch.cond
@@ -335,12 +374,17 @@ class DMD2(PairRegression, GeneratorIO, Method):
 
     # -- sampling and export -------------------------------------------------------------------------------
     def sampler(self) -> SamplerSpec:
-        """LCMScheduler at the trained timesteps (999/749/499/249, or the 1-step conditioning timestep), no CFG:
-        at these timesteps LCM's boundary scalings are 1 on x0, so each step is G's x0, re-noised to the next."""
-        ts = tuple(int(t) for t in self.cfg.method.student_timesteps)
+        """LCMScheduler at the trained timesteps (999/749/499/249, or the 1-step conditioning timestep; with a
+        1-step mode, both step counts at their own), no CFG: at these timesteps LCM's boundary scalings are 1 on
+        x0, so each step is G's x0, re-noised to the next."""
+        m = self.cfg.method
+        ts = tuple(int(t) for t in m.student_timesteps)
         k = len(ts)
-        return SamplerSpec("lcm", (k,), 1.0, original_inference_steps=k if 1000 % k == 0 else None,
-                           timesteps={k: ts})
+        if m.one_step_timestep is None:
+            return SamplerSpec("lcm", (k,), 1.0, original_inference_steps=k if 1000 % k == 0 else None,
+                               timesteps={k: ts})
+        return SamplerSpec("lcm", (1, k), 1.0, original_inference_steps=k if 1000 % k == 0 else None,
+                           timesteps={k: ts, 1: (int(m.one_step_timestep),)})
 
     def export_name(self) -> str:
         return "dmd2"

@@ -111,6 +111,10 @@ class RegressionConfig:
     warmup_steps: Optional[int] = None  # null: the generator's
     distance: str = "l2"  # l2 | pseudo_huber, on latents
     huber_c: float = 0.03
+    # a multi-step student with a 1-step mode (DMD2's method.one_step_timestep): weight of a second term that keeps
+    # G's outputs at the multi-step chain's timesteps on the teacher's (MSE of the UNet outputs at a pair latent
+    # noised to one of them), so that the warm-up teaches the 1-step mode without unlearning the chain; 0: none
+    keep_weight: float = 0.0
     pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
@@ -122,10 +126,15 @@ class PairRegression:
     phase = "main"
 
     @classmethod
-    def check_regression(cls, m, one_step: bool) -> None:
+    def check_regression(cls, m, one_step: bool, chain: bool = False) -> None:
+        """`one_step`: the student samples in one step (a warm-up is allowed); `chain`: it also samples a
+        multi-step chain (regression.keep_weight is allowed)."""
         r = m.regression
         if r.steps < 0:
             raise ConfigError(f"method.regression.steps={r.steps} must be >= 0 (0: no warm-up)")
+        if r.keep_weight < 0 or (r.keep_weight > 0 and not chain):
+            raise ConfigError(f"method.regression.keep_weight={r.keep_weight}: a weight >= 0 that only a multi-step "
+                              "student with a 1-step mode (DMD2's method.one_step_timestep) takes")
         if not r.steps:
             return
         if not one_step:
