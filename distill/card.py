@@ -76,6 +76,9 @@ def _facts(info: dict) -> dict:
                     if spec.kind == "tcd" else ""),
             "timesteps": "".join(f", timesteps={list(v)}" for k, v in spec.timesteps.items()
                                  if k == (steps[len(steps) // 2] if steps else 4)),
+            # the other step counts with their own timesteps (DMD2's 1-step mode), one pipeline call each
+            "other_timesteps": {k: list(v) for k, v in spec.timesteps.items()
+                                if k != (steps[len(steps) // 2] if steps else 4)},
             "teacher": info["teacher"], "base": info.get("lora_base") or info["teacher"]}
 
 
@@ -137,6 +140,9 @@ def _architecture(a: dict) -> str:
 
 def _snippet(f: dict, export_dir: str, load: str, gs: float, name: str, info: dict) -> str:
     """One runnable python block: device and dtype chosen at run time, the pipeline built by `load`."""
+    other = "".join(f'# {k} step{"" if k == 1 else "s"}, at the timesteps trained for that step count:\n'
+                    f'# image = pipe("{PROMPT}", num_inference_steps={k}, guidance_scale={gs:g}{f["eta"]}, '
+                    f'timesteps={v}).images[0]\n' for k, v in f["other_timesteps"].items())
     return f"""```python
 import torch
 from diffusers import {f['pipe']}, {f['sched']}, UNet2DConditionModel
@@ -147,7 +153,7 @@ dtype = torch.float16 if device == "cuda" else torch.float32
 {load}
 {scheduler_code(info)}
 image = pipe("{PROMPT}", num_inference_steps={f['n']}, guidance_scale={gs:g}{f['eta']}{f['timesteps']}).images[0]
-image.save("{name}.png")
+{other}image.save("{name}.png")
 ```
 
 """
@@ -209,6 +215,10 @@ def _comfyui(info: dict, f: dict) -> str:
         if spec.kind == "tcd":
             lines.append(f"- TCD (eta {float(spec.eta or 0.0):g}) is not in core ComfyUI: use a TCD custom "
                          "node; the core `lcm` sampler is TCD with eta 1")
+        if f["other_timesteps"]:
+            per = "; ".join(f"{k} step{'' if k == 1 else 's'}: {v}" for k, v in f["other_timesteps"].items())
+            lines.append(f"- trained at its own timesteps for other step counts ({per}), which `sgm_uniform` does "
+                         "not give: sample those with SamplerCustom and the sigmas of exactly these timesteps")
     else:
         lines.append(f"- KSampler: sampler `{spec.kind}`, scheduler `sgm_uniform` (trailing timesteps), steps {n}, "
                      f"cfg {cfg:g}")

@@ -279,7 +279,8 @@ def test_deepspeed_zero3_dmd2_three_unets_train_like_ddp_resume_and_export(eq_sh
     pytest.importorskip("deepspeed")
     base = ["+experiment=dmd2_tiny", "+debug=fast", "trainer.validation_prompts=[]", "trainer.export_at_end=false",
             "data.shuffle_buffer=0", "data.num_workers=0", "optim.scheduler=constant", "optim.eps=1e-3",
-            "method.head_channels=8", "method.generator_every_n_steps=2", f"data.shards='{eq_shards}'",
+            "method.head_channels=8", "method.generator_every_n_steps=2", "method.regression.steps=0",
+            f"data.shards='{eq_shards}'",
             "data.batch_size=2", "trainer.validation_steps=[4]"]
     z, ddp = deepspeed_resumed_and_ddp(tmp_path, base, 3)
     for name in ("model.safetensors", "model_1.safetensors"):  # generator, fake score + head
@@ -291,7 +292,7 @@ def test_deepspeed_zero3_dmd2_three_unets_train_like_ddp_resume_and_export(eq_sh
         assert diff < 1e-5, f"ZeRO-3 (resumed) vs DDP {name} after 3 steps: {diff:.3g}"
     assert (z / "samples/step_000003.png").exists()
     info = json.loads((z / "export/export.json").read_text())
-    assert info["method"] == "dmd2" and info["sampler"]["timesteps"] == {"4": [999, 749, 499, 249]}
+    assert info["method"] == "dmd2" and info["sampler"]["timesteps"] == {"4": [999, 749, 499, 249], "1": [399]}
 
 
 def _probe(argv: list[str]) -> None:

@@ -12,7 +12,7 @@ from helpers import assert_pipeline_samples_as_distill, compose_cfg, train, weig
 from distill.config import ConfigError, validate
 
 FAST = ["+debug=fast", "trainer.export_at_end=false", "trainer.validation_prompts=[]", "data.batch_size=4",
-        "method.head_channels=8"]
+        "method.head_channels=8", "method.regression.steps=0"]  # dmd2_tiny's warm-up: tests/test_pairs.py
 
 
 def _batch(comps, b: int = 4, seed: int = 0, side: int = 8):
@@ -175,7 +175,7 @@ def test_each_phase_trains_only_its_own_network(lora):
 
 
 def test_backward_simulation_runs_the_generator_from_pure_noise_at_the_student_timesteps():
-    _, comps, m = _method()
+    _, comps, m = _method("method.one_step_timestep=null")
     batch = _batch(comps, side=_side(m))
     calls = []
     hook = m.generator.register_forward_pre_hook(lambda mod, args: calls.append(int(args[1][0])))
@@ -224,10 +224,9 @@ def test_a_one_step_mode_takes_the_regression_warm_up_at_its_own_timestep():
     from each pair's noise at one_step_timestep (what its 1-step sampler runs), not at the chain's first 999."""
     import dataclasses
 
-    cfg = validate(compose_cfg(["+experiment=dmd2_1step_tiny", "method.student_timesteps=[999,749,499,249]",
-                                "method.one_step_timestep=399", "trainer.validation_steps=[1,4]"]))
-    assert cfg.method.regression.steps > 0
-    _, comps, m = _method("method.one_step_timestep=399")
+    cfg = validate(compose_cfg(["+experiment=dmd2_tiny"]))  # as shipped: 4 steps, a 1-step mode, a warm-up
+    assert cfg.method.regression.steps > 0 and cfg.method.one_step_timestep == 399
+    _, comps, m = _method("method.one_step_timestep=399", "method.regression.keep_weight=0")
     m.regression = True
     batch = _batch(comps, side=_side(m))
     batch = dataclasses.replace(batch, noise=torch.randn_like(batch.latents))
@@ -262,9 +261,11 @@ def test_the_warm_up_keeps_the_chain_on_the_teacher_with_keep_weight():
     out = m.losses(batch, "g", 0)
     assert float(out["loss_keep"]) > 0
     torch.testing.assert_close(out["loss"], out["loss_regression"] + 2.0 * out["loss_keep"])
-    for bad in (["method.regression.keep_weight=1.0"], ["method.one_step_timestep=399", "method.regression.keep_weight=-1"]):
+    for bad in (["+experiment=dmd2_tiny", "method.regression.keep_weight=-1"],  # a 1-step student has no chain:
+                ["+experiment=dmd2_1step_tiny", "method.regression.keep_weight=1"],
+                ["+experiment=sim_tiny", "method.regression.keep_weight=1"]):
         with pytest.raises(ConfigError, match=r"method\.regression\.keep_weight"):
-            validate(compose_cfg(["+experiment=dmd2_tiny", *bad]))
+            validate(compose_cfg(bad))
 
 
 def test_without_backward_simulation_the_input_is_a_noised_data_latent():
@@ -284,7 +285,7 @@ def test_cadence_resumes_exactly_and_logs_each_side(tiny_data, tmp_path):
     OWN steps; the logged lr is the next step's). A constant schedule: a
     decaying one's length follows trainer.max_steps, which the resume changes."""
     base = ["+experiment=dmd2_tiny", *FAST, "trainer.checkpoint_every_steps=1", "optim.scheduler=constant",
-            "optim.warmup_steps=3"]
+            "optim.warmup_steps=3", "method.generator_every_n_steps=5"]
     straight = train([*base, f"output_dir={tmp_path}/a", "trainer.max_steps=7"])
     train([*base, f"output_dir={tmp_path}/b", "trainer.max_steps=3"])
     resumed = train([*base, f"output_dir={tmp_path}/b", "trainer.max_steps=7", "resume=latest"])
@@ -309,7 +310,7 @@ def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp
     from distill.export import read_export
 
     ts = "[999,749,499,249]" if steps == 4 or one_step else "[399]"
-    extra = [] if one_step is None else [f"method.one_step_timestep={one_step}"]
+    extra = [f"method.one_step_timestep={'null' if one_step is None else one_step}"]
     run = train(["+experiment=dmd2_tiny", *FAST, f"output_dir={tmp_path}/run", "trainer.max_steps=2",
                  "model.pretrained=distill:tiny-world", "trainer.export_at_end=true", "trainer.export_dtype=fp32",
                  f"method.student_timesteps={ts}", f"trainer.validation_steps=[{steps}]", *extra])
@@ -322,6 +323,7 @@ def test_export_samples_in_the_diffusers_pipeline_as_distill_does(tiny_data, tmp
     assert f"timesteps={json.loads(ts)}" in card
     if one_step is not None:
         assert f"timesteps=[{one_step}]" in card, "the card names the 1-step timestep"
+        assert f"num_inference_steps=1, guidance_scale=1, timesteps=[{one_step}])" in card  # its pipeline call
     assert_pipeline_samples_as_distill(run / "export", steps)
 
 

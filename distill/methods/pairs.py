@@ -132,11 +132,11 @@ class PairRegression:
         r = m.regression
         if r.steps < 0:
             raise ConfigError(f"method.regression.steps={r.steps} must be >= 0 (0: no warm-up)")
+        if not r.steps:  # no warm-up: its settings are inert
+            return
         if r.keep_weight < 0 or (r.keep_weight > 0 and not chain):
             raise ConfigError(f"method.regression.keep_weight={r.keep_weight}: a weight >= 0 that only a multi-step "
                               "student with a 1-step mode (DMD2's method.one_step_timestep) takes")
-        if not r.steps:
-            return
         if not one_step:
             raise ConfigError(f"method.regression.steps={r.steps}: the pair regression is a 1-step student's "
                               f"warm-up, but method.student_timesteps={list(m.student_timesteps)} has "
