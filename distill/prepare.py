@@ -29,6 +29,15 @@ from pathlib import Path
 
 from distill.data.writer import ShardWriter
 
+
+class PairSettingsError(ValueError):
+    """A pair folder holds pairs made with other settings; `detail` says which, without the folder."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
+
+
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 
@@ -265,8 +274,8 @@ def make_pairs(prompts: object, model: str, output: str | Path, *, steps: int = 
     changed = sorted(k for k in set(old) | set(solve) if old.get(k) != solve.get(k))
     if changed:
         diff = ", ".join(f"{k}: {old.get(k)!r} there, {solve.get(k)!r} now" for k in changed)
-        raise ValueError(f"{out} holds pairs made with other settings ({diff}): give a new --output, or the same "
-                         "settings to resume")
+        raise PairSettingsError(f"{out} holds pairs made with other settings ({diff}): give a new --output, or the "
+                                "same settings to resume", detail=f"holds pairs made with other settings ({diff})")
     items, skipped = prompt_items(prompts, resolution, caption_keys, limit)
     for tmp in out.glob(f"*-rank{rank:03d}.tar.tmp"):  # this rank's shard a killed run left half-written
         tmp.unlink()

@@ -92,6 +92,22 @@ def test_pairs_resume_skip_what_is_written_refuse_other_settings_and_recount(tin
     assert _pairs(tiny_data, out, limit=12)["written"] == 4
 
 
+def test_a_run_on_a_pair_folder_of_another_model_names_the_key(tiny_data, tmp_path):
+    """A `+debug=fast` run (a random model) pointed at pairs the tiny world's teacher wrote: an error naming the
+    config key of the folder and what differs, before any training."""
+    from distill.prepare import PairSettingsError
+
+    out = tmp_path / "p"
+    _pairs(tiny_data, out, limit=4)  # the tiny world's teacher, DDIM 3 at CFG 5
+    with pytest.raises(PairSettingsError, match=r"method\.regression\.pairs\.shards=.*other settings \(model: "
+                                                r"'distill:tiny-world' there, 'distill:random-sdxl' now.*set "
+                                                r"method\.regression\.pairs\.shards to a folder of its own"):
+        train(["+experiment=dmd2_tiny", "+debug=fast", "trainer.validation_prompts=[]", "method.head_channels=8",
+               f"method.regression.pairs.shards={out}", "method.regression.pairs.num_pairs=4",
+               "method.regression.pairs.solver_steps=3", f"output_dir={tmp_path}/run"])
+    assert not list((tmp_path / "run").rglob("step_*")), "no training before the error"
+
+
 def test_two_processes_write_the_pairs_one_writes(tiny_data, tmp_path):
     args = ["-m", "distill.prepare", "pairs", "--model", TEACHER, "--prompts",
             str(tiny_data / "tiny_world" / "train_prompts.txt"), "--steps", "2", "--resolution", "32", "--limit", "10",

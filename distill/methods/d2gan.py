@@ -30,7 +30,7 @@ from distill.methods.dmd2 import GeneratorIO, OptimOverrides, overrides
 from distill.methods.feature_taps import FeatureTaps, TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.methods.pairs import (PairsConfig, check_pairs, ensure_pairs, one_step_generator, regression_distance,
-                                   with_shards)
+                                   shards_key, with_shards)
 from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -94,7 +94,7 @@ class D2GAN(GeneratorIO, Method):
         self.schedule = NoiseSchedule.from_config(comps.scheduler_config)
         self.teacher = comps.unet.requires_grad_(False).eval()
         if m.pairs.prompts is not None:
-            ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, m.pairs.guidance_scale)
+            ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, m.pairs.guidance_scale, shards_key(m.pairs))
         self.gan = m.gan_weight > 0
         self.discriminator = None
         if self.gan:  # before LoRA changes the base in place: D starts from the teacher as stored, in fp32

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from distill.config import ConfigError
+from distill.prepare import PairSettingsError
 
 DISTANCES = ("l2", "pseudo_huber")
 
@@ -36,6 +37,11 @@ def with_shards(p, cfg):
     from omegaconf import DictConfig
 
     return DictConfig({**dict(p), "shards": p.shards or cfg.data.shards})
+
+
+def shards_key(p) -> str:
+    """The config key of `with_shards`'s folder for method.pairs `p`."""
+    return "method.pairs.shards" if p.shards else "data.shards"
 
 
 def one_step_generator(cfg, teacher, comps, init: str | None, device):
@@ -68,9 +74,11 @@ def check_pairs(p, key: str) -> None:
         raise ConfigError(f"{key}.solver_steps, num_pairs and batch_size must be >= 1")
 
 
-def ensure_pairs(p, cfg, unet, guidance: float) -> None:
+def ensure_pairs(p, cfg, unet, guidance: float, key: str = "method.regression.pairs.shards") -> None:
     """Write the pair set `p` with the run's teacher when it is not complete (every process takes its share; a
-    killed run resumes where it stopped). Without `prompts`, missing pairs are an error naming the key."""
+    killed run resumes where it stopped). Without `prompts`, missing pairs are an error naming the key; a folder
+    of pairs made with other settings (another model, solve or seed) is an error naming `key`, the config key of
+    the folder."""
     from pathlib import Path
 
     from distill.prepare import make_pairs, pairs_complete, pairs_settings
@@ -86,9 +94,14 @@ def ensure_pairs(p, cfg, unet, guidance: float) -> None:
     settings = pairs_settings(cfg.model.pretrained, p.prompts, p.solver_steps, g, p.solver, res, p.seed, p.num_pairs,
                               p.states)
     if not pairs_complete(p.shards, settings):
-        make_pairs(p.prompts, cfg.model.pretrained, p.shards, steps=p.solver_steps, guidance=g, solver=p.solver,
-                   resolution=res, batch_size=p.batch_size, seed=p.seed, limit=p.num_pairs, unet=unet,
-                   states=p.states)
+        try:
+            make_pairs(p.prompts, cfg.model.pretrained, p.shards, steps=p.solver_steps, guidance=g, solver=p.solver,
+                       resolution=res, batch_size=p.batch_size, seed=p.seed, limit=p.num_pairs, unet=unet,
+                       states=p.states)
+        except PairSettingsError as e:  # the writer's message names its --output; a run's user sets a key
+            raise PairSettingsError(f"{key}={p.shards!r}: {e.detail}: set {key} to a folder of its own (a "
+                                    "`+debug=fast` run swaps in a random model: give it one), or the same settings "
+                                    "to resume") from None
 
 
 def regression_distance(x0: Tensor, target: Tensor, distance: str, huber_c: float) -> Tensor:

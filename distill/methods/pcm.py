@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from distill.config import ConfigError, LoraConfig
-from distill.methods.pairs import PairsConfig, check_pairs, ensure_pairs, with_shards
+from distill.methods.pairs import PairsConfig, check_pairs, ensure_pairs, shards_key, with_shards
 from distill.diffusion import Denoiser, UNetCond, add_noise, inference_timesteps, renoise, weight_dtype
 from distill.methods.base import Batch
 from distill.methods.gan import frozen
@@ -224,7 +224,8 @@ class PCM(LCD):
             from distill.models.adapters import adapters_disabled
 
             with adapters_disabled(self.teacher) if self.lora else contextlib.nullcontext():
-                ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, float(m.w_min) + 1.0)
+                ensure_pairs(with_shards(m.pairs, cfg), cfg, self.teacher, float(m.w_min) + 1.0,
+                             shards_key(m.pairs))
 
     @staticmethod
     def _discriminator(cfg, comps, device):
