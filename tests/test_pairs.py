@@ -2,6 +2,7 @@
 resumable, any process count, counted), `data.kind=pairs`, and DMD2's 1-step regression warm-up on them."""
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -186,6 +187,7 @@ def _unet_state(folder: Path) -> dict:
 
 @pytest.mark.parametrize("experiment,phase,kind,lora", [("dmd2_1step_tiny", "dmd2", "images", False),
                                                         ("dmd2_1step_tiny", "dmd2", "images", True),
+                                                        ("dmd2_tiny", "dmd2", "images", True),  # + keep_weight
                                                         ("sim_tiny", "sim", "prompts", False)])
 def test_one_step_warm_up_on_pairs_then_the_method_starts_from_that_generator(tiny_data, tmp_path, experiment,
                                                                               phase, kind, lora):
@@ -206,6 +208,8 @@ def test_one_step_warm_up_on_pairs_then_the_method_starts_from_that_generator(ti
     assert max(r["step"] for r in rows) == 3 and all(r.get("data/images_read", 0) == 0 for r in rows)
     assert max(json.loads(x)["step"] for x in (run / "stages" / f"01_{phase}" / "metrics.jsonl").open()) == 2
     assert all("train/loss_regression" in r and "train/loss_dm" not in r for r in rows if "train/loss" in r)
+    keeps = [r["train/loss_keep"] for r in rows if "train/loss_keep" in r]  # dmd2_tiny holds its 4-step chain
+    assert (len(keeps) > 0 and all(math.isfinite(k) for k in keeps)) == (experiment == "dmd2_tiny")
     lrs = [r["train/lr_g"] for r in rows if "train/lr_g" in r]  # the warm-up's own cosine over its own 3 steps
     assert len(lrs) >= 2 and lrs == sorted(lrs, reverse=True) and lrs[-1] < lrs[0]
     assert OmegaConf_load(warm).data.kind == "pairs" and OmegaConf_load(dmd).data.kind == kind
