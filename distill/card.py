@@ -66,19 +66,17 @@ def scheduler_desc(info: dict) -> str:
 def _facts(info: dict) -> dict:
     spec = SamplerSpec.from_info(info)
     steps = list(spec.steps)
+    n = steps[len(steps) // 2] if steps else 4  # the step count the card's snippets sample
     gs = float(spec.guidance_scale)
     return {"pipe": "StableDiffusionXLPipeline" if info["arch"] == "sdxl" else "StableDiffusionPipeline",
             "spec": spec, "sched": spec.scheduler_class,
-            "steps": steps, "n": steps[len(steps) // 2] if steps else 4, "gs": gs,
+            "steps": steps, "n": n, "gs": gs,
             # the single file has no w input: a w-embedding student's w is baked in and samples with CFG 1
             "ui_cfg": 1.0 if "single_file_baked_w" in info else gs,
-            "eta": (f", eta={spec.eta_at(steps[len(steps) // 2] if steps else 4):g}"  # TCD's gamma (pipeline's: 0)
-                    if spec.kind == "tcd" else ""),
-            "timesteps": "".join(f", timesteps={list(v)}" for k, v in spec.timesteps.items()
-                                 if k == (steps[len(steps) // 2] if steps else 4)),
+            "eta": f", eta={spec.eta_at(n):g}" if spec.kind == "tcd" else "",  # TCD's gamma (pipeline's: 0)
+            "timesteps": f", timesteps={list(spec.timesteps[n])}" if n in spec.timesteps else "",
             # the other step counts with their own timesteps (DMD2's 1-step mode), one pipeline call each
-            "other_timesteps": {k: list(v) for k, v in spec.timesteps.items()
-                                if k != (steps[len(steps) // 2] if steps else 4)},
+            "other_timesteps": {k: list(v) for k, v in spec.timesteps.items() if k != n},
             "teacher": info["teacher"], "base": info.get("lora_base") or info["teacher"]}
 
 
