@@ -51,7 +51,7 @@ def scheduler_desc(info: dict) -> str:
     if spec.consistency:
         desc = (f"{spec.scheduler_class} from the teacher's scheduler config, "
                 f"original_inference_steps={spec.grid}")
-        if len(spec.timesteps) > 1:  # a student trained at its own timesteps per step count (DMD2's 1-step mode)
+        if spec.timesteps and len(spec.steps) > 1:  # own timesteps at some step count (DMD2's, Hyper-SD's 1-step mode)
             per = "; ".join(f"{n} step{'' if n == 1 else 's'}: timesteps={list(spec.timesteps[n])}"
                             for n in spec.steps if n in spec.timesteps)
             desc += f", explicit timesteps in the pipeline call by step count ({per})"
@@ -138,9 +138,11 @@ def _architecture(a: dict) -> str:
 
 def _snippet(f: dict, export_dir: str, load: str, gs: float, name: str, info: dict) -> str:
     """One runnable python block: device and dtype chosen at run time, the pipeline built by `load`."""
+    spec = f["spec"]
     other = "".join(f'# {k} step{"" if k == 1 else "s"}, at the timesteps trained for that step count:\n'
-                    f'# image = pipe("{PROMPT}", num_inference_steps={k}, guidance_scale={gs:g}{f["eta"]}, '
-                    f'timesteps={v}).images[0]\n' for k, v in f["other_timesteps"].items())
+                    f'# image = pipe("{PROMPT}", num_inference_steps={k}, guidance_scale={gs:g}'
+                    f'{f", eta={spec.eta_at(k):g}" if spec.kind == "tcd" else ""}, timesteps={v}).images[0]\n'
+                    for k, v in f["other_timesteps"].items())
     return f"""```python
 import torch
 from diffusers import {f['pipe']}, {f['sched']}, UNet2DConditionModel

@@ -268,6 +268,38 @@ def test_the_warm_up_keeps_the_chain_on_the_teacher_with_keep_weight():
             validate(compose_cfg(bad))
 
 
+def test_keep_target_init_holds_the_chain_on_the_generator_as_the_warm_up_started(tmp_path):
+    """keep_target=init (a generator whose chain an earlier stage distilled: Hyper-SD's score warm-up): the keep
+    term's reference is a frozen copy of G at the warm-up's start, not the teacher: moving the teacher leaves it at
+    0, moving G raises it, and the copy never trains; a keep_target outside teacher | init names the key."""
+    import dataclasses
+
+    from distill.stages import Stage
+
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "0.tar").write_bytes(b"")  # a folder that holds shards (not read here)
+    cfg, comps, _ = _method("method.one_step_timestep=399", "method.regression.keep_weight=1.0",
+                            "method.regression.keep_target=init", f"method.regression.pairs.shards={tmp_path}/pairs",
+                            "method.regression.pairs.prompts=null")
+    from distill.methods import build_method
+
+    m = build_method(cfg, comps, torch.device("cpu"), stage=Stage("regression", 0, tmp_path / "s",
+                                                                   info={"phase": "regression"}))
+    assert m.regression and m.keep_ref is not None and m.keep_ref is not m.generator
+    assert not any(p.requires_grad for p in m.keep_ref.parameters())
+    assert {id(p) for p in m.keep_ref.parameters()}.isdisjoint(id(p) for p in m.trainable)
+    batch = _batch(comps, side=_side(m))
+    batch = dataclasses.replace(batch, noise=torch.randn_like(batch.latents))
+    with torch.no_grad():
+        next(p for p in m.teacher.parameters() if p.ndim == 4).add_(0.05)
+    assert float(m.losses(batch, "g", 0)["loss_keep"]) == 0  # the teacher is not the reference
+    with torch.no_grad():
+        next(p for p in m.generator.parameters() if p.ndim == 4).add_(0.05)
+    assert float(m.losses(batch, "g", 0)["loss_keep"]) > 0
+    with pytest.raises(ConfigError, match=r"method\.regression\.keep_target"):
+        validate(compose_cfg(["+experiment=dmd2_tiny", "method.regression.keep_target=student"]))
+
+
 def test_without_backward_simulation_the_input_is_a_noised_data_latent():
     from distill.diffusion import add_noise
 

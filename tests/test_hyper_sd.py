@@ -132,6 +132,8 @@ def test_reward_fine_tuning_raises_the_reward_of_the_students_samples(tiny_data,
     ("method.inference_etas=[1.0]", "method.inference_etas"),
     ("method.score.t_min=990", "stage 'score' (dmd2)"),
     ("method.score.gan_fake_weight=0", "stage 'score' (dmd2)"),
+    ("method.score.student_timesteps=[999,700]", "method.score.student_timesteps"),  # off the 8-point grid
+    ("method.score.one_step_timestep=499", "method.score.one_step_timestep"),  # the 2- and 4-step chains visit it
 ])
 def test_hyper_sd_checks_name_the_key_before_any_stage_trains(override, key):
     with pytest.raises(ConfigError, match=__import__("re").escape(key)):

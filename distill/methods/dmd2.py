@@ -31,7 +31,8 @@ images; here a latent L2 or pseudo-Huber: no decode in the loop.)
 A multi-step student with a 1-step mode (`one_step_timestep`, e.g. 399 beside 999/749/499/249): the 1-step mode is
 one more slot of backward simulation (pure noise in at its own timestep, never one the chain visits), the sampler
 spec names both step counts' timesteps, and the warm-up regresses that mode, optionally (`regression.keep_weight`)
-holding G's outputs at the chain's timesteps on the teacher's so the chain is not unlearnt.
+holding G's outputs at the chain's timesteps on the teacher's (`keep_target=init`: on G's own as the warm-up starts,
+for a generator whose chain was distilled by an earlier stage) so the chain is not unlearnt.
 
 Gradient isolation: the "fake" phase runs G under no_grad through its raw module; the "g" phase holds the fake
 score (UNet and head) frozen through forward and backward (`phase_scope`), and the teacher never trains.
@@ -40,6 +41,7 @@ score (UNet and head) frozen through forward and backward (`phase_scope`), and t
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -223,6 +225,10 @@ class DMD2(PairRegression, GeneratorIO, Method):
             if not self.gan:  # the head is computed but never trained: no parameter left without a gradient (DDP)
                 self.fake.heads.requires_grad_(False)
         self.build_generator(init, device)  # a LoRA on the teacher's own base (adapters off = the teacher) or full
+        r = m.regression
+        self.keep_ref = None  # keep_target=init: a frozen copy of G as the warm-up starts (its chain's reference)
+        if self.regression and r.keep_weight > 0 and r.keep_target == "init":
+            self.keep_ref = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.generator.train()
         if cfg.trainer.gradient_checkpointing:
             self.generator.enable_gradient_checkpointing()
@@ -304,12 +310,14 @@ class DMD2(PairRegression, GeneratorIO, Method):
 
     def _keep_chain_loss(self, batch: Batch) -> Tensor:
         """The warm-up's second term (regression.keep_weight): MSE between G's and the teacher's UNet outputs at
-        the pair latents noised to one of the multi-step chain's timesteps per sample."""
+        the pair latents noised to one of the multi-step chain's timesteps per sample (keep_target=init: G's own
+        outputs as the warm-up started, from a frozen copy)."""
         dev, shape = batch.latents.device, tuple(batch.latents.shape[1:])
         t = self.timesteps[batch.randint("k_keep", 0, len(self.timesteps), dev)]
         x_t = add_noise(batch.latents.float(), batch.randn("eps_keep", shape, dev), t, self.schedule)
+        ref = self.real_score() if self.keep_ref is None else Denoiser(self.keep_ref, self.schedule)
         with torch.no_grad(), span("teacher"), self.autocast():
-            want = self.real_score().output(x_t, t, batch.cond).float()
+            want = ref.output(x_t, t, batch.cond).float()
         with span("student"), self.autocast():
             have = Denoiser(self.modules["generator"], self.schedule).output(x_t, t, batch.cond).float()
         return F.mse_loss(have, want)

@@ -7,11 +7,16 @@ recipe's merge is the identity here: one adapter is trained by every stage, noth
   1. TSCD: segmented consistency (distill.methods.pcm) with K = `segment_stages` (8 -> 4 -> 2 -> 1), one stage each;
   2. human-feedback learning (distill.methods.refl, `reward_steps` > 0): the student's own n-step samples scored by
      `reward.model`, the K = 1 consistency loss as the regulariser;
-  3. score distillation for one step (distill.methods.dmd2, `score.steps` > 0): DMD2 with the generator at
-     `score.timestep` (999), the real score the teacher (the base with the adapter off) at `score.guidance_scale`.
+  3. score distillation (distill.methods.dmd2, `score.steps` > 0): DMD2 with the generator at `score.timestep` (999,
+     the paper's one step), or over a chain of the unified grid's timesteps (`score.student_timesteps`, backward
+     simulation) with a 1-step mode of its own (`score.one_step_timestep`, off the grid, e.g. 399); the real score
+     the teacher (the base with the adapter off) at `score.guidance_scale`. With `score.regression.steps` > 0 a
+     warm-up stage comes first: DMD2's pair regression of the 1-step mode on the run's own trajectories, its chain
+     held on the LoRA as it came out of the reward stage (`keep_target: init`).
 
 `finish` writes the run's export.json and card with the unified sampler: TCDScheduler on the LCM grid of
-`num_ddim_timesteps` (original_inference_steps), `inference_steps` with their `inference_etas`.
+`num_ddim_timesteps` (original_inference_steps), `inference_steps` with their `inference_etas` (and the 1-step mode's
+timestep as the 1-step call's `timesteps`).
 
 A Hyper-SD run has no networks of its own: every stage runs another method (Stage.method names it), checked on that
 method's schema when the chain is validated, so a typo in any stage fails before the first one trains.
@@ -31,17 +36,28 @@ from omegaconf import OmegaConf
 from distill.config import ConfigError
 from distill.methods.base import Method
 from distill.methods.dmd2 import OptimOverrides
+from distill.methods.pairs import RegressionConfig
 from distill.methods.pcm import PCM, PCMConfig
 from distill.methods.refl import RewardConfig, check_reward
 
 
 @dataclass
 class ScoreStageConfig:
-    """The 1-step score-distillation stage (DMD2's settings for it)."""
+    """The score-distillation stage (DMD2's settings for it): at one step (the paper's), or over a chain of the
+    unified grid's timesteps with a 1-step mode of its own."""
 
     steps: int = 0  # 0: no score-distillation stage
     batch_size: Optional[int] = None  # data.batch_size of this stage (three UNets in memory; null: the run's)
     timestep: int = 999  # the generator's one conditioning timestep (TCD's first at any grid)
+    # a chain instead (null: [timestep]): descending points of the TCD grid of method.num_ddim_timesteps that DMD2's
+    # backward simulation trains, e.g. [999, 749, 499, 249] (the unified sampler's 4 steps; 2 steps visit 999, 499)
+    student_timesteps: Optional[list[int]] = None
+    # with a chain: the LoRA's own 1-step mode (pure noise in at this timestep, off the grid, e.g. 399); the card's
+    # 1-step call passes it as the pipeline's timesteps (null: 1 step is the grid's first, 999)
+    one_step_timestep: Optional[int] = None
+    # a warm-up stage before it (DMD2's pair regression, steps > 0) on the run's own trajectories (pairs: noise and
+    # the teacher's solution): the 1-step mode regressed, keep_weight / keep_target=init holding the chain
+    regression: RegressionConfig = field(default_factory=RegressionConfig)
     guidance_scale: Optional[float] = None  # the real score's CFG (standard form); null: the TSCD teacher's w + 1
     t_min: int = 20
     t_max: int = 980
@@ -97,6 +113,17 @@ class HyperSD(Method):
         if any(not 1 <= n <= m.num_ddim_timesteps for n in steps) or any(not 0.0 <= e <= 1.0 for e in etas):
             raise ConfigError(f"method.inference_steps={steps} / method.inference_etas={etas}: steps in [1, "
                               f"method.num_ddim_timesteps={m.num_ddim_timesteps}], etas in [0, 1]")
+        if m.score.steps:
+            grid = [(i + 1) * (1000 // m.num_ddim_timesteps) - 1 for i in range(m.num_ddim_timesteps)]
+            ts = list(m.score.student_timesteps or [m.score.timestep])
+            if m.score.student_timesteps is not None and any(t not in grid for t in ts):
+                raise ConfigError(f"method.score.student_timesteps={ts}: the unified sampler (TCD on the grid of "
+                                  f"method.num_ddim_timesteps={m.num_ddim_timesteps}) visits only {grid[::-1]}")
+            one = m.score.one_step_timestep
+            if one is not None and (one in grid or 1 not in steps):
+                raise ConfigError(f"method.score.one_step_timestep={one}: the 1-step mode takes a timestep the "
+                                  f"grid's chains never visit (not one of {grid[::-1]}), and 1 among "
+                                  f"method.inference_steps={steps}")
         for stage in cls.plan(cfg, Path("/nonexistent-run")):  # every stage's config, on its method's schema
             probe = copy.deepcopy(cfg)
             for key, value in stage.trainer.items():
@@ -112,9 +139,9 @@ class HyperSD(Method):
         stages: list[Stage] = []
 
         def add(name: str, method: dict, trainer: dict, optim: dict | None = None, info_key: str = "student_init",
-                data: dict | None = None):
+                data: dict | None = None, info: dict | None = None):
             i = len(stages)
-            info = {info_key: str(stages[-1].folder / "export")} if stages else {}
+            info = {**(info or {}), **({info_key: str(stages[-1].folder / "export")} if stages else {})}
             stages.append(Stage(name, i, stage_folder(run_dir, i, name), info=info, trainer=trainer,
                                 optim=optim or {}, method=method, data=data or {}))
 
@@ -133,10 +160,21 @@ class HyperSD(Method):
             g = s.pop("guidance_scale")
             s.pop("steps")
             batch = s.pop("batch_size")
-            dmd2 = {"name": "dmd2", "lora": pcm["lora"], "student_timesteps": [int(s.pop("timestep"))],
+            ts = [int(t) for t in (s.pop("student_timesteps") or [s["timestep"]])]
+            s.pop("timestep")
+            reg = s.pop("regression")
+            if reg["steps"]:  # the warm-up reads the run's own pairs (trajectories) unless given others
+                reg["pairs"]["shards"] = reg["pairs"]["shards"] or str(cfg.data.shards)
+            dmd2 = {"name": "dmd2", "lora": pcm["lora"], "student_timesteps": ts, "regression": reg,
                     "guidance_scale": float(g if g is not None else m.w_min + 1.0), **s}
-            add("score", dmd2, {"max_steps": int(m.score.steps), "validation_steps": [1]}, info_key="generator_init",
-                data={"batch_size": int(batch)} if batch else None)
+            data = {"batch_size": int(batch)} if batch else {}
+            val = sorted({1, len(ts)})
+            if reg["steps"]:
+                add("score_warmup", dmd2, {"max_steps": int(reg["steps"]), "validation_steps": val},
+                    info_key="generator_init", data={**data, "kind": "pairs", "shards": reg["pairs"]["shards"]},
+                    info={"phase": "regression"})
+            add("score", dmd2, {"max_steps": int(m.score.steps), "validation_steps": val}, info_key="generator_init",
+                data=data or None, info={"phase": "dmd2"} if reg["steps"] else None)
         return stages
 
     def __init__(self, cfg, comps, device, stage=None):
@@ -156,8 +194,10 @@ class HyperSD(Method):
         for key in (*old.to_info(), "timesteps", "num_segments"):
             info.pop(key, None)
         steps, etas = [int(n) for n in m.inference_steps], [float(e) for e in m.inference_etas]
+        one = m.score.one_step_timestep if m.score.steps else None  # the 1-step mode's own timestep
         spec = SamplerSpec("tcd", tuple(steps), 1.0, eta=etas[steps.index(sorted(steps)[len(steps) // 2])],
-                           original_inference_steps=int(m.num_ddim_timesteps), etas=dict(zip(steps, etas)))
+                           original_inference_steps=int(m.num_ddim_timesteps), etas=dict(zip(steps, etas)),
+                           timesteps={1: (int(one),)} if one is not None else {})
         info.update(spec.to_info())
         info["method"] = "hyper-sd-lora"
         info["num_ddim_timesteps"] = int(m.num_ddim_timesteps)

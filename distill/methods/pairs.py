@@ -14,6 +14,7 @@ from distill.config import ConfigError
 from distill.prepare import PairSettingsError
 
 DISTANCES = ("l2", "pseudo_huber")
+KEEP_TARGETS = ("teacher", "init")
 
 
 @dataclass
@@ -128,6 +129,9 @@ class RegressionConfig:
     # G's outputs at the multi-step chain's timesteps on the teacher's (MSE of the UNet outputs at a pair latent
     # noised to one of them), so that the warm-up teaches the 1-step mode without unlearning the chain; 0: none
     keep_weight: float = 0.0
+    # what the keep term holds G's chain outputs on: teacher (the frozen teacher, adapters off) | init (G itself as
+    # the warm-up starts, a frozen copy: a student whose chain was distilled before, e.g. Hyper-SD's TSCD LoRA)
+    keep_target: str = "teacher"
     pairs: PairsConfig = field(default_factory=PairsConfig)
 
 
@@ -150,6 +154,8 @@ class PairRegression:
         if r.keep_weight < 0 or (r.keep_weight > 0 and not chain):
             raise ConfigError(f"method.regression.keep_weight={r.keep_weight}: a weight >= 0 that only a multi-step "
                               "student with a 1-step mode (DMD2's method.one_step_timestep) takes")
+        if r.keep_target not in KEEP_TARGETS:
+            raise ConfigError(f"method.regression.keep_target={r.keep_target!r}: expected one of {KEEP_TARGETS}")
         if not one_step:
             raise ConfigError(f"method.regression.steps={r.steps}: the pair regression is a 1-step student's "
                               f"warm-up, but method.student_timesteps={list(m.student_timesteps)} has "
