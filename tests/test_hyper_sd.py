@@ -25,13 +25,21 @@ def test_hyper_sd_tiny_chain_trains_one_lora_through_every_stage_and_exports_the
     run = train([*FAST, f"data.shards={tmp_path}/traj", f"output_dir={tmp_path}/run"])
     folders = sorted((run / "stages").iterdir())
     assert [f.name for f in folders] == ["00_tscd_k8", "01_tscd_k4", "02_tscd_k2", "03_tscd_k1", "04_reward",
-                                         "05_score"]
+                                         "05_score_warmup", "06_score"]
     stages = [json.loads((f / "stage.json").read_text()) for f in folders]
-    assert [s["method"]["name"] for s in stages] == ["pcm"] * 4 + ["refl", "dmd2"]
+    assert [s["method"]["name"] for s in stages] == ["pcm"] * 4 + ["refl", "dmd2", "dmd2"]
     assert [s["method"].get("num_segments") for s in stages[:5]] == [8, 4, 2, 1, 1]
     for prev, s in zip(folders, stages[1:]):  # each stage starts from the previous stage's export
         assert str(prev / "export") in (s["info"].get("student_init"), s["info"].get("generator_init"))
-    assert stages[5]["method"]["student_timesteps"] == [999] and stages[5]["method"]["guidance_scale"] == 5.0
+    warm, score = stages[5], stages[6]
+    # the warm-up: DMD2's pair regression of the 1-step mode on the run's own trajectories, the chain held on the
+    # LoRA as the reward stage left it; then DMD2 over the 4-step chain of the grid with the 1-step mode beside it
+    assert warm["info"]["phase"] == "regression" and score["info"]["phase"] == "dmd2"
+    assert warm["data"] == {"kind": "pairs", "shards": f"{tmp_path}/traj"}
+    assert warm["method"]["regression"]["keep_target"] == "init" and warm["method"]["regression"]["keep_weight"] > 0
+    assert score["method"]["student_timesteps"] == [999, 749, 499, 249] and score["method"]["one_step_timestep"] == 399
+    rows = [json.loads(x) for x in (folders[5] / "metrics.jsonl").read_text().splitlines()]
+    assert all("train/loss_keep" in r and "train/loss_regression" in r for r in rows if "train/loss" in r)
     loras = [_lora(f) for f in folders]
     assert all(x.keys() == loras[0].keys() for x in loras)  # one adapter, continued
     for a, b in zip(loras, loras[1:]):
@@ -42,10 +50,29 @@ def test_hyper_sd_tiny_chain_trains_one_lora_through_every_stage_and_exports_the
     info = json.loads((run / "export" / "export.json").read_text())
     assert info["method"] == "hyper-sd-lora" and info["scheduler"] == "TCDScheduler"
     assert info["original_inference_steps"] == 8 and info["steps"] == [1, 2, 4, 8]
-    assert info["etas"] == {"1": 1.0, "2": 0.6, "4": 0.3, "8": 0.3} and "timesteps" not in info
+    etas = info["etas"]
+    assert set(etas) == {"1", "2", "4", "8"} and info["sampler"]["timesteps"] == {"1": [399]}
     assert info["stages"] == [f.name.split("_", 1)[1] for f in folders]
-    assert "1 step: 1, 2 steps: 0.6, 4 steps: 0.3, 8 steps: 0.3" in (run / "export" / "README.md").read_text()
+    card = (run / "export" / "README.md").read_text()
+    assert ", ".join(f"{n} step{'' if n == '1' else 's'}: {etas[n]:g}" for n in etas) in card
+    assert "num_inference_steps=1, guidance_scale=1, eta=1, timesteps=[399]" in card
+    assert_pipeline_samples_as_distill(run / "export", 1)  # the 1-step mode at 399, from the card's spec
     assert_pipeline_samples_as_distill(run / "export", 2)  # eta 0.6 at 2 steps, from the card's spec
+
+
+def test_the_papers_one_step_score_stage_is_still_one_override_away(tmp_path):
+    """Without a chain, a 1-step mode or a warm-up the score stage is the paper's: DMD2 at timestep 999 alone,
+    straight after the reward stage, and the export's 1-step call takes no timesteps of its own."""
+    from distill.methods import METHOD_CLASSES
+
+    cfg = validate(compose_cfg(["+experiment=hyper_sd_tiny", "method.score.student_timesteps=null",
+                                "method.score.one_step_timestep=null", "method.score.regression.steps=0"]))
+    stages = METHOD_CLASSES["hyper_sd"].plan(cfg, tmp_path)
+    assert [s.name for s in stages][-2:] == ["reward", "score"]
+    score = stages[-1]
+    assert score.method["student_timesteps"] == [999] and score.method["one_step_timestep"] is None
+    assert score.info == {"generator_init": str(stages[-2].folder / "export")} and score.data == {}
+    assert score.trainer["validation_steps"] == [1]
 
 
 def _refl(tmp_path, *overrides):
@@ -130,8 +157,8 @@ def test_reward_fine_tuning_raises_the_reward_of_the_students_samples(tiny_data,
     ("method.reward.eta=1.5", "method.reward.eta"),
     ("method.reward.model=distill:no-such-reward", "method.reward.model"),
     ("method.inference_etas=[1.0]", "method.inference_etas"),
-    ("method.score.t_min=990", "stage 'score' (dmd2)"),
-    ("method.score.gan_fake_weight=0", "stage 'score' (dmd2)"),
+    ("method.score.t_min=990", "stage 'score_warmup' (dmd2): method.t_min=990"),  # the first DMD2 stage named
+    ("method.score.gan_fake_weight=0", "stage 'score_warmup' (dmd2): method.gan_generator_weight"),
     ("method.score.student_timesteps=[999,700]", "method.score.student_timesteps"),  # off the 8-point grid
     ("method.score.one_step_timestep=499", "method.score.one_step_timestep"),  # the 2- and 4-step chains visit it
 ])

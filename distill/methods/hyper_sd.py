@@ -81,6 +81,15 @@ class HyperSDConfig(PCMConfig):
     inference_etas: list[float] = field(default_factory=lambda: [1.0, 0.6, 0.3, 0.3])  # TCD's gamma for each
 
 
+def tcd_timesteps(grid: int, n: int) -> list[int]:
+    """The timesteps TCDScheduler samples `n` steps at on a skip grid of `grid` points (original_inference_steps)."""
+    from diffusers import TCDScheduler
+
+    sched = TCDScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(n, original_inference_steps=grid)
+    return [int(t) for t in sched.timesteps]
+
+
 PCM_FIELDS = tuple(f.name for f in dataclasses.fields(PCMConfig) if f.name != "name")
 
 
@@ -114,15 +123,17 @@ class HyperSD(Method):
             raise ConfigError(f"method.inference_steps={steps} / method.inference_etas={etas}: steps in [1, "
                               f"method.num_ddim_timesteps={m.num_ddim_timesteps}], etas in [0, 1]")
         if m.score.steps:
-            grid = [(i + 1) * (1000 // m.num_ddim_timesteps) - 1 for i in range(m.num_ddim_timesteps)]
+            visited = sorted({t for n in steps if n > 1 for t in tcd_timesteps(m.num_ddim_timesteps, n)},
+                             reverse=True)  # what the unified sampler's chains evaluate the LoRA at
             ts = list(m.score.student_timesteps or [m.score.timestep])
-            if m.score.student_timesteps is not None and any(t not in grid for t in ts):
+            if m.score.student_timesteps is not None and any(t not in visited for t in ts):
                 raise ConfigError(f"method.score.student_timesteps={ts}: the unified sampler (TCD on the grid of "
-                                  f"method.num_ddim_timesteps={m.num_ddim_timesteps}) visits only {grid[::-1]}")
+                                  f"method.num_ddim_timesteps={m.num_ddim_timesteps} at method.inference_steps="
+                                  f"{steps}) visits only {visited}")
             one = m.score.one_step_timestep
-            if one is not None and (one in grid or 1 not in steps):
+            if one is not None and (one in visited or 1 not in steps):
                 raise ConfigError(f"method.score.one_step_timestep={one}: the 1-step mode takes a timestep the "
-                                  f"grid's chains never visit (not one of {grid[::-1]}), and 1 among "
+                                  f"sampler's chains never visit (not one of {visited}), and 1 among "
                                   f"method.inference_steps={steps}")
         for stage in cls.plan(cfg, Path("/nonexistent-run")):  # every stage's config, on its method's schema
             probe = copy.deepcopy(cfg)
