@@ -167,6 +167,14 @@ def test_hyper_sd_checks_name_the_key_before_any_stage_trains(override, key):
         validate(compose_cfg(["+experiment=hyper_sd_tiny", override]))
 
 
+def test_a_score_warm_up_on_image_data_needs_pairs_named_by_its_key():
+    """On raw images (SDXL's recipe) the warm-up has no pairs to read: an error naming the key, before training."""
+    with pytest.raises(ConfigError, match=r"method\.score\.regression\.pairs\.shards"):
+        validate(compose_cfg(["+experiment=hyper_sd_tiny", "data=tiny_world", "method.trajectory=false"]))
+    validate(compose_cfg(["+experiment=hyper_sd_tiny", "data=tiny_world", "method.trajectory=false",
+                          "method.score.regression.pairs.shards=/somewhere/pairs"]))
+
+
 def test_a_missing_reward_model_folder_is_an_error_naming_the_key(tiny_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="method.reward.model"):
         _refl(tmp_path, f"method.reward.model={tmp_path}/nothing")

@@ -135,6 +135,11 @@ class HyperSD(Method):
                 raise ConfigError(f"method.score.one_step_timestep={one}: the 1-step mode takes a timestep the "
                                   f"sampler's chains never visit (not one of {visited}), and 1 among "
                                   f"method.inference_steps={steps}")
+            r = m.score.regression
+            if r.steps and not r.pairs.shards and cfg.data.kind != "pairs":
+                raise ConfigError(f"method.score.regression.steps={r.steps} with data.kind={cfg.data.kind}: the "
+                                  "warm-up regresses onto teacher pairs; set method.score.regression.pairs.shards "
+                                  "(written by the run when method.score.regression.pairs.prompts is set)")
         for stage in cls.plan(cfg, Path("/nonexistent-run")):  # every stage's config, on its method's schema
             probe = copy.deepcopy(cfg)
             for key, value in stage.trainer.items():
