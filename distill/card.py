@@ -63,6 +63,11 @@ def scheduler_desc(info: dict) -> str:
     return f'{spec.scheduler_class}, timestep_spacing="trailing"{extra}'
 
 
+def _eta_arg(spec: SamplerSpec, n: int) -> str:
+    """The pipeline call's eta argument at `n` steps (TCD's gamma; none for other schedulers)."""
+    return f", eta={spec.eta_at(n):g}" if spec.kind == "tcd" else ""
+
+
 def _facts(info: dict) -> dict:
     spec = SamplerSpec.from_info(info)
     steps = list(spec.steps)
@@ -73,7 +78,7 @@ def _facts(info: dict) -> dict:
             "steps": steps, "n": n, "gs": gs,
             # the single file has no w input: a w-embedding student's w is baked in and samples with CFG 1
             "ui_cfg": 1.0 if "single_file_baked_w" in info else gs,
-            "eta": f", eta={spec.eta_at(n):g}" if spec.kind == "tcd" else "",  # TCD's gamma (pipeline's: 0)
+            "eta": _eta_arg(spec, n),  # TCD's gamma (pipeline's: 0)
             "timesteps": f", timesteps={list(spec.timesteps[n])}" if n in spec.timesteps else "",
             # the other step counts with their own timesteps (DMD2's 1-step mode), one pipeline call each
             "other_timesteps": {k: list(v) for k, v in spec.timesteps.items() if k != n},
@@ -138,11 +143,9 @@ def _architecture(a: dict) -> str:
 
 def _snippet(f: dict, export_dir: str, load: str, gs: float, name: str, info: dict) -> str:
     """One runnable python block: device and dtype chosen at run time, the pipeline built by `load`."""
-    spec = f["spec"]
     other = "".join(f'# {k} step{"" if k == 1 else "s"}, at the timesteps trained for that step count:\n'
                     f'# image = pipe("{PROMPT}", num_inference_steps={k}, guidance_scale={gs:g}'
-                    f'{f", eta={spec.eta_at(k):g}" if spec.kind == "tcd" else ""}, timesteps={v}).images[0]\n'
-                    for k, v in f["other_timesteps"].items())
+                    f'{_eta_arg(f["spec"], k)}, timesteps={v}).images[0]\n' for k, v in f["other_timesteps"].items())
     return f"""```python
 import torch
 from diffusers import {f['pipe']}, {f['sched']}, UNet2DConditionModel

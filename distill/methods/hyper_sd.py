@@ -81,6 +81,11 @@ class HyperSDConfig(PCMConfig):
     inference_etas: list[float] = field(default_factory=lambda: [1.0, 0.6, 0.3, 0.3])  # TCD's gamma for each
 
 
+def score_timesteps(score) -> list[int]:
+    """The score stage's generator timesteps: its chain, or the paper's one step at `timestep`."""
+    return [int(t) for t in (score.student_timesteps or [score.timestep])]
+
+
 def tcd_timesteps(grid: int, n: int) -> list[int]:
     """The timesteps TCDScheduler samples `n` steps at on a skip grid of `grid` points (original_inference_steps)."""
     from diffusers import TCDScheduler
@@ -125,7 +130,7 @@ class HyperSD(Method):
         if m.score.steps:
             visited = sorted({t for n in steps if n > 1 for t in tcd_timesteps(m.num_ddim_timesteps, n)},
                              reverse=True)  # what the unified sampler's chains evaluate the LoRA at
-            ts = list(m.score.student_timesteps or [m.score.timestep])
+            ts = score_timesteps(m.score)
             if m.score.student_timesteps is not None and any(t not in visited for t in ts):
                 raise ConfigError(f"method.score.student_timesteps={ts}: the unified sampler (TCD on the grid of "
                                   f"method.num_ddim_timesteps={m.num_ddim_timesteps} at method.inference_steps="
@@ -176,8 +181,8 @@ class HyperSD(Method):
             g = s.pop("guidance_scale")
             s.pop("steps")
             batch = s.pop("batch_size")
-            ts = [int(t) for t in (s.pop("student_timesteps") or [s["timestep"]])]
-            s.pop("timestep")
+            ts = score_timesteps(m.score)
+            s.pop("student_timesteps"), s.pop("timestep")
             reg = s.pop("regression")
             if reg["steps"]:  # the warm-up reads the run's own pairs (trajectories) unless given others
                 reg["pairs"]["shards"] = reg["pairs"]["shards"] or str(cfg.data.shards)
