@@ -88,6 +88,9 @@ class LoraConfig:
 class Config:
     output_dir: Optional[str] = None  # the run folder; None: outputs/<timestamp>, decided once for all ranks
     resume: Optional[str] = None  # latest | a checkpoint folder
+    # a staged run's folder: start from its finished leading stages whose settings equal this run's (copied, not
+    # retrained), e.g. a Hyper-SD score stage tried again on the TSCD and reward stages of an earlier run
+    reuse_stages: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     optimize_metric: str = "train/loss"  # what train.py returns (Hydra sweepers): its last logged value
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -127,8 +127,9 @@ def run_stages(cfg: DictConfig, acc, run_dir: Path) -> None:
 
     stages = METHOD_CLASSES[cfg.method.name].plan(cfg, run_dir)
     staged, carry = len(stages) > 1, None
+    reused = reuse_stages(cfg, stages, run_dir, acc) if cfg.reuse_stages else 0
     for i, stage in enumerate(stages):
-        if staged and (stage.folder / "export" / "export.json").exists() and cfg.resume:
+        if staged and (stage.folder / "export" / "export.json").exists() and (cfg.resume or i < reused):
             carry = _read_carry(stage.folder)
             continue
         if staged and not cfg.resume and (stage.folder / "export").exists():
@@ -154,6 +155,91 @@ def run_stages(cfg: DictConfig, acc, run_dir: Path) -> None:
         _copy_final_export(run_dir, stages[-1].folder)
         METHOD_CLASSES[cfg.method.name].finish(cfg, run_dir, stages)
     acc.wait_for_everyone()
+
+
+# settings that do not change what a stage trains: where it runs and how it reports
+REUSE_IGNORE = ("output_dir", "resume", "reuse_stages", "tags", "optimize_metric", "logger.", "data.num_workers",
+                "trainer.num_threads", "trainer.progress_bar", "trainer.log_every_steps",
+                "trainer.checkpoint_every_steps", "trainer.checkpoints_keep", "trainer.validat")
+
+
+def stage_changes(cfg: DictConfig, stage: Stage, last: bool, source_run: Path) -> list[str]:
+    """'key: old -> new' for every setting of `stage` (as this run would train it) that differs from the same stage
+    of `source_run` (its config.yaml, the source's own paths mapped to this run's)."""
+    from omegaconf import OmegaConf
+
+    from distill.tracking import config_changes, flat_config, redact
+
+    old = OmegaConf.to_container(OmegaConf.load(stage_folder(source_run, stage.index, stage.name) / "config.yaml"))
+    new = redact(OmegaConf.to_container(stage_config(cfg, stage, True, last), resolve=True))
+    for c in (old, new):  # a stage never depends on later entries of a stage list (PAD's method.stages)
+        if isinstance(c.get("method", {}).get("stages"), list):
+            entries = c["method"].pop("stages")[:stage.index + 1]
+            c["method"].update({f"stages[{j}]": e for j, e in enumerate(entries)})
+    src, dst = str(old.get("output_dir")), str(new.get("output_dir"))
+    a = {k: v.replace(src, dst) if isinstance(v, str) and src != "None" else v for k, v in flat_config(old).items()}
+    b = flat_config(new)
+    return [c for c in config_changes(a, b, ignore=()) if not c.split(":")[0].startswith(REUSE_IGNORE)]
+
+
+def reuse_stages(cfg: DictConfig, stages: list[Stage], run_dir: Path, acc) -> int:
+    """Copy the finished leading stages of the run `cfg.reuse_stages` whose settings equal this run's (export,
+    carry, metrics, samples; not checkpoints) into this run's stage folders; return how many. Reuse stops at the
+    first stage that is unfinished there, differs, or already exists here (said, with the differing keys); a run
+    that can reuse none of them is a ConfigError naming why."""
+    from distill.config import ConfigError
+
+    source = Path(cfg.reuse_stages)
+    if len(stages) < 2:
+        raise ConfigError(f"reuse_stages={cfg.reuse_stages}: method {cfg.method.name!r} runs a single stage here; "
+                          "reuse_stages takes finished stages of a staged run (Hyper-SD, PAD, progressive methods)")
+    if not (source / "stages").is_dir():
+        raise ConfigError(f"reuse_stages={cfg.reuse_stages}: not a staged run folder (no stages/ inside)")
+    if source.resolve() == Path(run_dir).resolve():
+        raise ConfigError(f"reuse_stages={cfg.reuse_stages} is this run's own folder: use resume=latest")
+    n, why, copy_ = 0, "", []
+    for i, stage in enumerate(stages):
+        if stage.folder.exists():  # this run's own: finished (reused or trained) on an earlier launch, or not
+            if cfg.resume and (stage.folder / "export" / "export.json").exists():
+                n += 1
+                continue
+            why = f"{stage.folder} already exists here" + ("" if cfg.resume else " (resume=latest continues it)")
+            break
+        src = stage_folder(source, i, stage.name)
+        if not (src / "export" / "export.json").exists():
+            why = f"stage {stage.name!r} is not finished in {source}"
+            break
+        changes = stage_changes(cfg, stage, i == len(stages) - 1, source)
+        if changes:
+            why = f"stage {stage.name!r} differs: " + "; ".join(changes[:8]) + ("; ..." if len(changes) > 8 else "")
+            break
+        n += 1
+        copy_.append(stage)
+    if n == 0:
+        raise ConfigError(f"reuse_stages={cfg.reuse_stages}: no stage to reuse ({why})")
+    if acc.is_main_process:
+        from omegaconf import OmegaConf
+
+        from distill.tracking import redact
+
+        for stage in copy_:
+            src = stage_folder(source, stage.index, stage.name)
+            stage.folder.mkdir(parents=True)
+            for name in ("export", "samples"):
+                if (src / name).is_dir():
+                    shutil.copytree(src / name, stage.folder / name)
+            for name in (CARRY, "metrics.jsonl"):
+                if (src / name).exists():
+                    shutil.copy2(src / name, stage.folder / name)
+            (stage.folder / STAGE).write_text(json.dumps(stage.to_json(), indent=1))
+            container = redact(OmegaConf.to_container(stage_config(cfg, stage, True, stage is stages[-1]),
+                                                      resolve=True))
+            (stage.folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+            (stage.folder / "reused.json").write_text(json.dumps({"from": str(src.resolve())}, indent=1))
+    acc.wait_for_everyone()
+    log.warning("reuse_stages: %d of %d stages copied from %s, %d finished here before (%s)", len(copy_),
+                len(stages), source, n - len(copy_), why or "every stage matched")
+    return n
 
 
 def _read_carry(stage_dir: Path) -> dict | None:

@@ -58,6 +58,24 @@ def test_a_saved_net_loads_back_and_a_wrong_folder_is_named(tmp_path):
         LatentPerceptual.from_pretrained(tmp_path)
 
 
+def test_the_ssim_target_sees_blur_that_the_l1_target_barely_sees():
+    import torch.nn.functional as F
+
+    from distill.methods.latent_lpips import image_distance, ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    blurred, offset = F.avg_pool2d(x, 3, 1, 1), (x + 0.05).clamp(-1, 1)
+    torch.testing.assert_close(ssim(x, x), torch.ones(4))
+    assert (ssim(x, blurred) < 0.5).all() and (ssim(x, offset) > 0.95).all()
+    l1 = image_distance(x, blurred, [1, 2]), image_distance(x, offset, [1, 2])
+    both = image_distance(x, blurred, [1, 2], 1.0), image_distance(x, offset, [1, 2], 1.0)
+    assert (both[0] / both[1] > 2 * l1[0] / l1[1]).all()  # the SSIM term ranks blur far above a uniform offset
+    torch.testing.assert_close(image_distance(x, x, [1, 2], 1.0), torch.zeros(4))
+    with pytest.raises(ConfigError, match="method.ssim_weight=-1"):
+        validate(compose_cfg(["+experiment=latent_lpips_tiny", "method.ssim_weight=-1"]))
+
+
 def _heldout_pairs(tiny_data, n=96):
     """(a, b, decoded-image distance) on held-out images, for the distortions the net was trained on."""
     from distill.data.config import DataConfig

@@ -310,3 +310,39 @@ def test_stages_continue_the_data_stream_and_the_seed_sequence(tiny_data, tmp_pa
     (cap_a, seeds_a, eps_a), (cap_b, seeds_b, eps_b) = first["replayed"], first["carried"]
     assert cap_a != cap_b, "the next stage's first batch replays the previous stage's first samples"
     assert not set(seeds_a) & set(seeds_b) and not torch.equal(eps_a, eps_b)
+
+
+def test_reuse_stages_copies_the_finished_stages_that_match_and_trains_the_rest_as_a_fresh_run_would(tiny_data,
+                                                                                                      tmp_path):
+    """reuse_stages=RUN: the leading stages whose settings equal this run's are copied (export, carry; no
+    checkpoints), the rest train from them, and the result is what a fresh run of the same settings trains."""
+    from distill.config import ConfigError
+
+    changed = [TWO[0], {**TWO[1], "lr": 2e-3}]
+    a = run_training(_cfg(tmp_path / "a", TWO))
+    b = run_training(_cfg(tmp_path / "b", changed, f"reuse_stages={a}"))
+    fresh = run_training(_cfg(tmp_path / "fresh", changed))
+    s0, s1 = "stages/00_s4_mse", "stages/01_s2_cond_lora"
+    assert json.loads((b / s0 / "reused.json").read_text())["from"] == str((a / s0).resolve())
+    assert not (b / s0 / "checkpoints").exists() and (b / s1 / "checkpoints").exists()
+    assert (b / s0 / "carry.json").read_text() == (a / s0 / "carry.json").read_text()
+    assert json.loads((b / s0 / "stage.json").read_text())["folder"] == str(b / s0)
+    assert json.loads((b / s1 / "stage.json").read_text())["info"]["student_init"] == str(b / s0 / "export" / "unet")
+    unet = "export/unet.safetensors"
+    assert (b / s0 / unet).read_bytes() == (a / s0 / unet).read_bytes()
+    lora = "export/lora/pytorch_lora_weights.safetensors"
+    wb, wf, wa = (load_file(str(r / s1 / lora)) for r in (b, fresh, a))
+    assert all(torch.equal(wb[k], wf[k]) for k in wb)  # bit for bit what training stage 0 again gives
+    assert any(not torch.equal(wb[k], wa[k]) for k in wb)  # and stage 1 trained with the new setting
+    # the same command again with resume=latest: nothing trains again, nothing is copied again
+    stamps = [(b / s / "export" / "export.json").stat().st_mtime_ns for s in (s0, s1)]
+    run_training(_cfg(tmp_path / "b", changed, f"reuse_stages={a}", "resume=latest"))
+    assert [(b / s / "export" / "export.json").stat().st_mtime_ns for s in (s0, s1)] == stamps
+    # a first stage that differs reuses nothing: an error naming the key, before anything trains
+    with pytest.raises(ConfigError, match=r"stage 's4_mse' differs: method\.stages\[0\]\.max_steps: 1 -> 2"):
+        run_training(_cfg(tmp_path / "c", [{**TWO[0], "max_steps": 2}, TWO[1]], f"reuse_stages={a}"))
+    assert not (tmp_path / "c" / "stages").exists()
+    with pytest.raises(ConfigError, match="reuse_stages=.*not a staged run folder"):
+        run_training(_cfg(tmp_path / "d", TWO, f"reuse_stages={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"reuse_stages=.*already exists here \(resume=latest continues it\)"):
+        run_training(_cfg(tmp_path / "b", changed, f"reuse_stages={a}"))

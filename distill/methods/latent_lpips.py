@@ -37,6 +37,9 @@ class LatentLPIPSConfig:
     # how often each kind of distortion is drawn (KINDS order: denoiser, noise, other, blend, shift)
     mix: list[float] = field(default_factory=lambda: [0.35, 0.25, 0.15, 0.15, 0.10])
     pyramid: list[int] = field(default_factory=lambda: [1, 2, 4])  # average-pool factors of the decoded target
+    # + this weight x (1 - SSIM) over the same pyramid: structure and contrast, which an L1 target barely sees in a
+    # blurred image (the error a one-step regression makes); 0 = the L1 pyramid alone
+    ssim_weight: float = 0.0
 
 
 def pixel_distance(x: Tensor, y: Tensor, pyramid: list[int]) -> Tensor:
@@ -46,6 +49,39 @@ def pixel_distance(x: Tensor, y: Tensor, pyramid: list[int]) -> Tensor:
         px, py = (F.avg_pool2d(x, k), F.avg_pool2d(y, k)) if k > 1 else (x, y)
         d = d + (px - py).abs().mean(dim=(1, 2, 3))
     return d / len(pyramid)
+
+
+def _gauss_window(channels: int, size: int = 7, sigma: float = 1.5, device=None) -> Tensor:
+    x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-x.pow(2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x: Tensor, y: Tensor) -> Tensor:
+    """Mean SSIM (B,) of images in [-1, 1] (Wang et al. 2004: 7x7 Gaussian window, sigma 1.5, per channel)."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    c = x.shape[1]
+    w = _gauss_window(c, min(7, x.shape[-1], x.shape[-2]) // 2 * 2 + 1, device=x.device)
+    def blur(z: Tensor) -> Tensor:
+        return F.conv2d(z, w, groups=c)
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.mean(dim=(1, 2, 3))
+
+
+def image_distance(x: Tensor, y: Tensor, pyramid: list[int], ssim_weight: float = 0.0) -> Tensor:
+    """The target (B,): the L1 pyramid, plus ssim_weight x (1 - SSIM) averaged over the same pyramid."""
+    d = pixel_distance(x, y, pyramid)
+    if ssim_weight:
+        s = x.new_zeros(x.shape[0])
+        for k in pyramid:
+            px, py = (F.avg_pool2d(x, k), F.avg_pool2d(y, k)) if k > 1 else (x, y)
+            s = s + (1 - ssim(px, py))
+        d = d + ssim_weight * s / len(pyramid)
+    return d
 
 
 def null_cond(unet, n: int, resolution: int, device: torch.device) -> UNetCond:
@@ -75,6 +111,8 @@ class LatentLPIPS(Method):
             raise ConfigError("method.widths and method.convs_per_level must be positive")
         if any(k < 1 for k in m.pyramid):
             raise ConfigError(f"method.pyramid={list(m.pyramid)}: pooling factors >= 1")
+        if m.ssim_weight < 0:
+            raise ConfigError(f"method.ssim_weight={m.ssim_weight}: must be >= 0")
 
     def __init__(self, cfg, comps, device, stage=None):
         super().__init__(cfg, comps, device, stage)
@@ -84,7 +122,8 @@ class LatentLPIPS(Method):
         self.teacher = comps.unet.requires_grad_(False).eval()
         torch.manual_seed(int(cfg.trainer.seed))
         info = {"model": str(cfg.model.pretrained), "scaling_factor": comps.vae_scaling_factor,
-                "target": f"decoded-image L1 pyramid {list(m.pyramid)}", "distortions": dict(zip(KINDS, m.mix))}
+                "target": f"decoded-image L1 pyramid {list(m.pyramid)}"
+                          + (f" + {float(m.ssim_weight):g} x (1 - SSIM) over it" if m.ssim_weight else ""), "distortions": dict(zip(KINDS, m.mix))}
         self.net = LatentPerceptual(LatentPerceptualConfig(int(self.teacher.config.in_channels), list(m.widths),
                                                            int(m.convs_per_level), float(m.l1_weight), info))
         self.net.to(device).train()
@@ -127,7 +166,8 @@ class LatentLPIPS(Method):
         a = self.encode(batch.pixels)
         b, kind = self.distort(a, batch)
         with torch.no_grad():
-            target = pixel_distance(self.decode(a), self.decode(b), list(self.cfg.method.pyramid))
+            target = image_distance(self.decode(a), self.decode(b), list(self.cfg.method.pyramid),
+                                    float(self.cfg.method.ssim_weight))
         d = self.modules["net"](a, b)
         err = torch.log(d + 1e-3) - torch.log(target + 1e-3)
         loss = err.pow(2).mean()
