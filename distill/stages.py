@@ -206,7 +206,7 @@ def reuse_stages(cfg: DictConfig, stages: list[Stage], run_dir: Path, acc) -> in
             why = f"{stage.folder} already exists here" + ("" if cfg.resume else " (resume=latest continues it)")
             break
         src = stage_folder(source, i, stage.name)
-        if not (src / "export" / "export.json").exists():
+        if not (src / "export" / "export.json").exists() or not (src / "config.yaml").exists():
             why = f"stage {stage.name!r} is not finished in {source}"
             break
         changes = stage_changes(cfg, stage, i == len(stages) - 1, source)
@@ -217,25 +217,28 @@ def reuse_stages(cfg: DictConfig, stages: list[Stage], run_dir: Path, acc) -> in
         copy_.append(stage)
     if n == 0:
         raise ConfigError(f"reuse_stages={cfg.reuse_stages}: no stage to reuse ({why})")
+    acc.wait_for_everyone()  # every rank decided on the same folders before any is written
     if acc.is_main_process:
         from omegaconf import OmegaConf
 
         from distill.tracking import redact
 
-        for stage in copy_:
-            src = stage_folder(source, stage.index, stage.name)
-            stage.folder.mkdir(parents=True)
+        for stage in copy_:  # each stage assembled beside its folder, then renamed: a killed copy leaves no stage
+            src, tmp = stage_folder(source, stage.index, stage.name), stage.folder.with_name(stage.folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             for name in ("export", "samples"):
                 if (src / name).is_dir():
-                    shutil.copytree(src / name, stage.folder / name)
+                    shutil.copytree(src / name, tmp / name)
             for name in (CARRY, "metrics.jsonl"):
                 if (src / name).exists():
-                    shutil.copy2(src / name, stage.folder / name)
-            (stage.folder / STAGE).write_text(json.dumps(stage.to_json(), indent=1))
+                    shutil.copy2(src / name, tmp / name)
+            (tmp / STAGE).write_text(json.dumps(stage.to_json(), indent=1))
             container = redact(OmegaConf.to_container(stage_config(cfg, stage, True, stage is stages[-1]),
                                                       resolve=True))
-            (stage.folder / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
-            (stage.folder / "reused.json").write_text(json.dumps({"from": str(src.resolve())}, indent=1))
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
+            (tmp / "reused.json").write_text(json.dumps({"from": str(src.resolve())}, indent=1))
+            tmp.rename(stage.folder)
     acc.wait_for_everyone()
     log.warning("reuse_stages: %d of %d stages copied from %s, %d finished here before (%s)", len(copy_),
                 len(stages), source, n - len(copy_), why or "every stage matched")

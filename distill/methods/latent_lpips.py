@@ -121,9 +121,11 @@ class LatentLPIPS(Method):
         self.vae = comps.vae.requires_grad_(False).eval()
         self.teacher = comps.unet.requires_grad_(False).eval()
         torch.manual_seed(int(cfg.trainer.seed))
-        info = {"model": str(cfg.model.pretrained), "scaling_factor": comps.vae_scaling_factor,
-                "target": f"decoded-image L1 pyramid {list(m.pyramid)}"
-                          + (f" + {float(m.ssim_weight):g} x (1 - SSIM) over it" if m.ssim_weight else ""), "distortions": dict(zip(KINDS, m.mix))}
+        target = f"decoded-image L1 pyramid {list(m.pyramid)}"
+        if m.ssim_weight:
+            target += f" + {float(m.ssim_weight):g} x (1 - SSIM) over it"
+        info = {"model": str(cfg.model.pretrained), "scaling_factor": comps.vae_scaling_factor, "target": target,
+                "distortions": dict(zip(KINDS, m.mix))}
         self.net = LatentPerceptual(LatentPerceptualConfig(int(self.teacher.config.in_channels), list(m.widths),
                                                            int(m.convs_per_level), float(m.l1_weight), info))
         self.net.to(device).train()
