@@ -168,10 +168,10 @@ def stage_changes(cfg: DictConfig, stage: Stage, last: bool, source_run: Path) -
     of `source_run` (its config.yaml, the source's own paths mapped to this run's)."""
     from omegaconf import OmegaConf
 
-    from distill.tracking import config_changes, flat_config, redact
+    from distill.tracking import config_changes, flat_config, written_config
 
     old = OmegaConf.to_container(OmegaConf.load(stage_folder(source_run, stage.index, stage.name) / "config.yaml"))
-    new = redact(OmegaConf.to_container(stage_config(cfg, stage, True, last), resolve=True))
+    new = written_config(stage_config(cfg, stage, True, last))
     for c in (old, new):  # a stage never depends on later entries of a stage list (PAD's method.stages)
         if isinstance(c.get("method", {}).get("stages"), list):
             entries = c["method"].pop("stages")[:stage.index + 1]
@@ -221,7 +221,7 @@ def reuse_stages(cfg: DictConfig, stages: list[Stage], run_dir: Path, acc) -> in
     if acc.is_main_process:
         from omegaconf import OmegaConf
 
-        from distill.tracking import redact
+        from distill.tracking import written_config
 
         for stage in copy_:  # each stage assembled beside its folder, then renamed: a killed copy leaves no stage
             src, tmp = stage_folder(source, stage.index, stage.name), stage.folder.with_name(stage.folder.name + ".tmp")
@@ -234,8 +234,7 @@ def reuse_stages(cfg: DictConfig, stages: list[Stage], run_dir: Path, acc) -> in
                 if (src / name).exists():
                     shutil.copy2(src / name, tmp / name)
             (tmp / STAGE).write_text(json.dumps(stage.to_json(), indent=1))
-            container = redact(OmegaConf.to_container(stage_config(cfg, stage, True, stage is stages[-1]),
-                                                      resolve=True))
+            container = written_config(stage_config(cfg, stage, True, stage is stages[-1]))
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(container)))
             (tmp / "reused.json").write_text(json.dumps({"from": str(src.resolve())}, indent=1))
             tmp.rename(stage.folder)

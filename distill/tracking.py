@@ -24,12 +24,17 @@ def redact(obj):
     return obj
 
 
+def written_config(cfg: DictConfig) -> dict:
+    """A run's config as its config.yaml holds it: resolved, secrets redacted."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
 class Tracker:
     def __init__(self, cfg: DictConfig, run_dir: Path, accelerator: Accelerator):
         self.acc, self.run_dir, self.t0 = accelerator, run_dir, time.time()
         self.main = accelerator.is_main_process
         self.name = cfg.logger.name
-        container = redact(OmegaConf.to_container(cfg, resolve=True))
+        container = written_config(cfg)
         self.config = container  # the resolved, redacted run config (config.yaml; checkpoints keep a copy)
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)

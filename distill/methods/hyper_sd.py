@@ -182,7 +182,7 @@ class HyperSD(Method):
             s.pop("steps")
             batch = s.pop("batch_size")
             ts = score_timesteps(m.score)
-            s.pop("student_timesteps"), s.pop("timestep")
+            del s["student_timesteps"], s["timestep"]
             reg = s.pop("regression")
             if reg["steps"]:  # the warm-up reads the run's own pairs (trajectories) unless given others
                 reg["pairs"]["shards"] = reg["pairs"]["shards"] or str(cfg.data.shards)

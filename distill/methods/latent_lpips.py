@@ -42,13 +42,15 @@ class LatentLPIPSConfig:
     ssim_weight: float = 0.0
 
 
+def _levels(x: Tensor, y: Tensor, pyramid: list[int]):
+    """(x, y) average-pooled by each factor of the pyramid."""
+    for k in pyramid:
+        yield (F.avg_pool2d(x, k), F.avg_pool2d(y, k)) if k > 1 else (x, y)
+
+
 def pixel_distance(x: Tensor, y: Tensor, pyramid: list[int]) -> Tensor:
     """The target (B,): mean |x - y| of decoded images over an average-pooled pyramid."""
-    d = x.new_zeros(x.shape[0])
-    for k in pyramid:
-        px, py = (F.avg_pool2d(x, k), F.avg_pool2d(y, k)) if k > 1 else (x, y)
-        d = d + (px - py).abs().mean(dim=(1, 2, 3))
-    return d / len(pyramid)
+    return sum((px - py).abs().mean(dim=(1, 2, 3)) for px, py in _levels(x, y, pyramid)) / len(pyramid)
 
 
 def _gauss_window(channels: int, size: int = 7, sigma: float = 1.5, device=None) -> Tensor:
@@ -63,8 +65,10 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
     c = x.shape[1]
     w = _gauss_window(c, min(7, x.shape[-1], x.shape[-2]) // 2 * 2 + 1, device=x.device)
+
     def blur(z: Tensor) -> Tensor:
         return F.conv2d(z, w, groups=c)
+
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -76,11 +80,7 @@ def image_distance(x: Tensor, y: Tensor, pyramid: list[int], ssim_weight: float 
     """The target (B,): the L1 pyramid, plus ssim_weight x (1 - SSIM) averaged over the same pyramid."""
     d = pixel_distance(x, y, pyramid)
     if ssim_weight:
-        s = x.new_zeros(x.shape[0])
-        for k in pyramid:
-            px, py = (F.avg_pool2d(x, k), F.avg_pool2d(y, k)) if k > 1 else (x, y)
-            s = s + (1 - ssim(px, py))
-        d = d + ssim_weight * s / len(pyramid)
+        d = d + ssim_weight * sum(1 - ssim(px, py) for px, py in _levels(x, y, pyramid)) / len(pyramid)
     return d
 
 
