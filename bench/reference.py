@@ -34,6 +34,8 @@ Variants (each a fresh process, so start-up is not timed):
   a 2-core machine, measured before the trainer set its own threads);
 - distill_latents: the README launch on precomputed latent shards of the same images (`python -m distill.prepare
   latents`, once): no VAE or text encoders in the step.
+- distill_readme_unfused, distill_latents_unfused: the same two with `method.lora.fuse_no_grad=false` (the LoRA
+  target pass on PEFT's own path, as the reference runs it, instead of the merged weights).
 Step time, the same for both: each side stamps wall time after every optimizer step (the script's TensorBoard
 scalar `loss`, logged every step; distill's metrics.jsonl `time`, trainer.log_every_steps=1). step_s =
 (t[steps] - t[warmup]) / (steps - warmup): the steady-state step, loader included, start-up and the first
@@ -60,7 +62,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SCRIPT = ROOT / "bench" / ".reference" / "train_lcm_distill_lora_sdxl_wds.py"
 TINY_SHARDS = ROOT / "data" / "tiny_world" / "train"
-VARIANTS = ["reference", "distill_readme", "distill_threads2", "distill_latents"]
+VARIANTS = ["reference", "distill_readme", "distill_threads2", "distill_latents", "distill_readme_unfused",
+            "distill_latents_unfused"]
 
 # The tiny SDXL-architecture model of the comparison (the script's hard-coded 2048 / 1280 widths).
 BENCH_PRESET = dict(unet_channels=(32, 64), heads=(2, 4), vae_channels=(16, 32), vae_groups=8, text_hidden=768,
@@ -160,8 +163,8 @@ def reference_command(a, script: Path, model: Path, shards: list[Path], run: Pat
             "--report_to", "tensorboard", "--checkpointing_steps", str(10**6), "--validation_steps", str(10**6)]
 
 
-def distill_command(a, model: Path, shards: list[Path], run: Path, *, latents: bool, threads: int | None
-                    ) -> list[str]:
+def distill_command(a, model: Path, shards: list[Path], run: Path, *, latents: bool, threads: int | None,
+                    fused: bool = True) -> list[str]:
     launch = _accelerate() + (["launch"] if len(_accelerate()) == 1 else [])
     if threads is not None:
         launch += ["--num_cpu_threads_per_process", str(threads)]
@@ -172,6 +175,8 @@ def distill_command(a, model: Path, shards: list[Path], run: Path, *, latents: b
           f"hydra.run.dir={run}/hydra"]
     if latents:
         ov += ["data=wds_latents", "data.num_workers=1"]
+    if not fused:
+        ov += ["method.lora.fuse_no_grad=false"]
     return launch + ["train.py", *ov]
 
 
@@ -214,9 +219,9 @@ def run_variant(name: str, a, inputs: dict, run: Path) -> dict:
         if site.is_dir():
             env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     else:
-        latents = name == "distill_latents"
+        latents = name.startswith("distill_latents")
         cmd = distill_command(a, inputs["model"], inputs["latents" if latents else "shards"], run, latents=latents,
-                              threads=2 if name == "distill_threads2" else None)
+                              threads=2 if name == "distill_threads2" else None, fused=not name.endswith("_unfused"))
         env = _env(None)
     load_before, t0 = load_average(), time.time()
     with open(run / "log.txt", "w") as log:
@@ -274,7 +279,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--reference-script", type=Path, default=DEFAULT_SCRIPT)
     p.add_argument("--reference-autocast", action="store_true", help="let the script's bf16 teacher autocast run")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS[:4]))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -314,7 +319,7 @@ def prepare_inputs(a) -> dict:
         if not ref.exists():
             ref.symlink_to(inputs["model"].name)
         inputs["ref_model"] = ref
-    if "distill_latents" in a.variants:
+    if any(v.startswith("distill_latents") for v in a.variants):
         inputs["latents"] = latent_shards(inputs["shards"], inputs["model"], a.work / f"latents-{tag}-r{a.resolution}",
                                           a.resolution)
     return inputs

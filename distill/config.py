@@ -82,6 +82,11 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: [
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
         "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
+    # the student's passes WITHOUT gradient (a consistency target, backward simulation, the reward stage's first
+    # steps, a discriminator's fakes, validation samples) run each adapted layer with the merged weight
+    # W + scale B A, one call where PEFT runs three (distill.models.adapters.lora_fused; the base weights are never
+    # written); false: PEFT's path
+    fuse_no_grad: bool = True
 
 
 @dataclass
@@ -151,7 +156,7 @@ def _check_combinations(cfg: DictConfig) -> None:
     m = cfg.method
     if "lora" in m and not m.lora.enabled:
         defaults = LoraConfig()
-        for key in ("rank", "alpha", "dropout", "target_modules"):
+        for key in ("rank", "alpha", "dropout", "target_modules", "fuse_no_grad"):
             if m.lora[key] != getattr(defaults, key):
                 raise ConfigError(f"method.lora.{key} is set but method.lora.enabled=false: this {m.name} run trains "
                                   "the full UNet, not a LoRA (use method=lcd_lora, or method.lora.enabled=true)")

@@ -31,6 +31,7 @@ from distill.methods.feature_taps import FeatureTaps, TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.methods.pairs import (PairsConfig, check_pairs, ensure_pairs, one_step_generator, regression_distance,
                                    shards_key, with_shards)
+from distill.models.adapters import lora_fused
 from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -176,7 +177,7 @@ class D2GAN(GeneratorIO, Method):
                 out["loss"] = reg + m.gan_weight * gan
                 out["loss_gan"] = gan.detach()
             return out
-        with torch.no_grad(), span("student"):
+        with torch.no_grad(), span("student"), lora_fused(self.g_raw, m.lora.fuse_no_grad):
             x0 = self._generate(self.g_raw, batch)
         real, b = batch.latents, batch.size
         mismatched = cond._map(lambda v: v.roll(1, dims=0))  # each latent with its neighbour's prompt

@@ -38,6 +38,51 @@ def adapters_disabled(unet: UNet2DConditionModel):
         unet.enable_adapters()
 
 
+@contextlib.contextmanager
+def lora_fused(unet: nn.Module, enabled: bool = True):
+    """Passes WITHOUT gradient through a LoRA student run each adapted Linear / Conv2d as one call with the merged
+    weight W + scale B A (PEFT's get_delta_weight, per call) where PEFT runs three (base, A, B) and an add: a
+    diffusers `fuse_lora` for one pass, layer by layer, so no second copy of the weights is held and the base
+    weights are never written (merging and unmerging in place would drift them). Only fp32 arithmetic is fused: a
+    bf16 / fp16 base weight or an autocast region would round a small delta away inside the merged weight (see
+    tests/test_precision.py), so those calls, and layers with dropout, DoRA or other variants, adapters disabled,
+    a ZeRO-3 partitioned weight, or grad enabled, run PEFT's own path. A module without LoRA layers (a full
+    student) passes through unchanged."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [] if not enabled else [
+        m for m in unet.modules()
+        if isinstance(m, LoraLayer) and isinstance(m.base_layer, (nn.Linear, nn.Conv2d)) and not m.lora_variant
+        and "forward" not in m.__dict__  # not already fused by an enclosing scope
+        and all(isinstance(m.lora_dropout[a], nn.Identity) for a in m.active_adapters if a in m.lora_A)]
+    for layer in layers:
+        layer.forward = _fused_forward(layer, layer.forward)
+    try:
+        yield unet
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def _fused_forward(layer, peft_forward):
+    base = layer.base_layer
+
+    def forward(x: Tensor, *args, **kwargs) -> Tensor:
+        if (torch.is_grad_enabled() or layer.disable_adapters or layer.merged or args or kwargs
+                or base.weight.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
+                or hasattr(base.weight, "ds_id")):
+            return peft_forward(x, *args, **kwargs)
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if not active:
+            return base(x)
+        w = base.weight + sum(layer.get_delta_weight(a).to(torch.float32) for a in active)
+        if isinstance(base, nn.Linear):
+            return nn.functional.linear(x, w, base.bias)
+        return base._conv_forward(x, w, base.bias)
+
+    return forward
+
+
 def student_with_w_embedding(teacher: UNet2DConditionModel, dim: int) -> UNet2DConditionModel:
     """A copy of the teacher that also takes a guidance-scale embedding (`timestep_cond`) through the new
     `time_embedding.cond_proj`. The projection is ZERO-initialised, so at step 0 the student reproduces the
