@@ -196,10 +196,12 @@ def test_without_the_gan_there_is_no_discriminator_and_l2_needs_no_net(tmp_path)
     ("method.distance=lpips", "method.distance='lpips'"),
     ("trainer.validation_steps=[4]", "trainer.validation_steps=[4]"),
     ("method.timestep=1000", "method.timestep=1000"),
+    ("method.perceptual_decay_steps=-1", "method.perceptual_decay_steps=-1"),
+    ("method.perceptual_decay_steps=100 method.latent_l2_weight=0", "method.perceptual_decay_steps=100"),
 ])
 def test_bad_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        validate(compose_cfg(["+experiment=d2gan_tiny", override]))
+        validate(compose_cfg(["+experiment=d2gan_tiny", *override.split()]))
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -241,3 +243,20 @@ def test_the_hybrid_distance_adds_latent_l2_to_the_perceptual_one(tmp_path):
     m.cfg.method.latent_l2_weight = 2.0
     torch.testing.assert_close(m.distance(x0, target, batch),
                                perceptual + 2.0 * regression_distance(x0, target, "l2", 0.03))
+
+
+def test_the_perceptual_term_decays_to_latent_l2_alone_and_the_net_then_is_not_run(tmp_path):
+    from distill.methods.pairs import regression_distance
+
+    _, comps, m = _method(tmp_path, "method.ensemble=false", "method.latent_l2_weight=1",
+                          "method.perceptual_decay_steps=100")
+    batch = _batch(comps)
+    x0, target = batch.noise, batch.latents
+    perceptual, l2 = m.perceptual(x0, target).mean(), regression_distance(x0, target, "l2", 0.03)
+    torch.testing.assert_close(m.distance(x0, target, batch, 0), perceptual + l2)
+    torch.testing.assert_close(m.distance(x0, target, batch, 25), 0.75 * perceptual + l2)
+    calls = []
+    m.perceptual.register_forward_hook(lambda *a: calls.append(1))
+    for step in (100, 400):
+        torch.testing.assert_close(m.distance(x0, target, batch, step), l2)
+    assert calls == []

@@ -51,6 +51,9 @@ class D2GANConfig:
     perceptual: Optional[str] = "distill:tiny-latent-lpips"  # the net's folder (train one: latent_lpips)
     ensemble: bool = True  # one random augmentation of both inputs per sample at every call
     latent_l2_weight: float = 0.0  # distance=perceptual: plus this x the latent mean squared error
+    # > 0: the perceptual term's weight falls linearly from 1 to 0 over the first N steps, then the regression is
+    # latent L2 alone (latent_l2_weight > 0): the perceptual distance for the fast start, L2 for the end
+    perceptual_decay_steps: int = 0
     huber_c: float = 0.03
     gan_weight: float = 0.1  # lambda of the GAN generator loss (0: regression only, no discriminator)
     mismatch_weight: float = 0.5  # text alignment: real latents with another sample's prompt as fakes
@@ -77,6 +80,12 @@ class D2GAN(GeneratorIO, Method):
             raise ConfigError(f"method.distance={m.distance!r}: expected one of {DISTANCES}")
         if m.distance == "perceptual" and not m.perceptual:
             raise ConfigError("method.distance=perceptual needs method.perceptual (a latent perceptual net folder)")
+        if m.perceptual_decay_steps < 0:
+            raise ConfigError(f"method.perceptual_decay_steps={m.perceptual_decay_steps} must be >= 0 (0: no decay)")
+        if m.perceptual_decay_steps and (m.distance != "perceptual" or m.latent_l2_weight <= 0):
+            raise ConfigError(f"method.perceptual_decay_steps={m.perceptual_decay_steps} hands the regression over to "
+                              "latent L2: it needs method.distance=perceptual and method.latent_l2_weight > 0 (now "
+                              f"{m.distance!r}, {m.latent_l2_weight})")
         if m.gan_weight < 0 or m.mismatch_weight < 0 or m.d_t_max < 0 or m.latent_l2_weight < 0:
             raise ConfigError("method.gan_weight, method.mismatch_weight, method.d_t_max and method.latent_l2_weight "
                               "must be >= 0")
@@ -141,13 +150,21 @@ class D2GAN(GeneratorIO, Method):
         with self.autocast():
             return Denoiser(unet, self.schedule).x0_eps(batch.noise, t, batch.cond)[0].float()
 
-    def distance(self, x0: Tensor, target: Tensor, batch: Batch) -> Tensor:
+    def perceptual_weight(self, step: int) -> float:
+        n = self.cfg.method.perceptual_decay_steps
+        return max(0.0, 1.0 - step / n) if n else 1.0
+
+    def distance(self, x0: Tensor, target: Tensor, batch: Batch, step: int = 0) -> Tensor:
         m = self.cfg.method
         if self.perceptual is None:
             return regression_distance(x0, target, m.distance, m.huber_c)
+        l2 = m.latent_l2_weight * regression_distance(x0, target, "l2", m.huber_c) if m.latent_l2_weight else 0.0
+        w = self.perceptual_weight(step)
+        if w == 0.0:  # handed over to L2: the net is not run
+            return l2
         d = self.perceptual(x0, target, ensemble=m.ensemble,
                             generators=batch.generators("ensemble") if m.ensemble else None).mean()
-        return d + m.latent_l2_weight * regression_distance(x0, target, "l2", m.huber_c) if m.latent_l2_weight else d
+        return w * d + l2 if w != 1.0 else d + l2
 
     def _d_forward(self, net, x: Tensor, cond: UNetCond, batch: Batch, tag: str) -> Tensor:
         m, n = self.cfg.method, x.shape[0]
@@ -169,7 +186,7 @@ class D2GAN(GeneratorIO, Method):
             with span("student"):
                 x0 = self._generate(self.modules["generator"], batch)
             with span("target"):
-                reg = self.distance(x0, batch.latents, batch)
+                reg = self.distance(x0, batch.latents, batch, step)
             out = {"loss": reg, "loss_regression": reg.detach()}
             if self.gan:  # D frozen by phase_scope: gradients reach x0 through its activations
                 with span("d"):
