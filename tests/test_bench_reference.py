@@ -84,3 +84,33 @@ def test_teacher_pass_bench_times_two_equal_teachers(tmp_path):
     assert json.loads((tmp_path / "tp.json").read_text())["batch"] == 2
     assert all(len(v) == 2 and min(v) > 0 for v in result["ms"].values())
     assert set(result["median_ms"]) == {"adapters_disabled", "plain_copy"} and result["plain_over_disabled"] > 0
+
+
+def test_fused_target_bench_switches_the_key_inside_the_real_step(tiny_data, tmp_path):
+    """bench/fused_target.py alternates method.lora.fuse_no_grad in one Trainer: both sides time a target span, and
+    the fused side's target runs no lora_A call (the switch reaches the method)."""
+    ft = load_bench("fused_target")
+    calls = {"fused": 0, "peft": 0}
+    real = ft.ps.time_real_steps
+
+    def counting(tr, it, steps):  # count lora_A calls per side while the bench's own loop runs
+        side = "fused" if tr.cfg.method.lora.fuse_no_grad else "peft"
+        hooks = [m.register_forward_hook(lambda *a, s=side: calls.__setitem__(s, calls[s] + 1))
+                 for n, m in tr.method.student.named_modules() if n.endswith("lora_A.default")]
+        try:
+            return real(tr, it, steps)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    ft.ps.time_real_steps = counting
+    try:
+        result = ft.main(["--out", str(tmp_path / "ft.json"), "--model", "distill:random-sdxl", "--rounds", "2",
+                          "--steps", "1", "--warmup", "1", "--batch", "2", "--resolution", "32",
+                          "--shards", str(tiny_data / "tiny_world" / "train" / "{00000..00001}.tar")])
+    finally:
+        ft.ps.time_real_steps = real
+    assert len(result["per_round"]) == 2 and all(q["fused"]["spans_ms"]["target"] > 0 for q in result["per_round"])
+    # per step PEFT's side calls lora_A in the target and the student pass, the fused side in the student's only
+    assert calls["peft"] > calls["fused"] > 0
+    assert "target" in (tmp_path / "ft.md").read_text()
