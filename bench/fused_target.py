@@ -82,14 +82,16 @@ def main(argv: list[str] | None = None) -> dict:
                                                        for q in rounds)}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
-    lines = [f"# Fused LoRA target vs PEFT's path in the real LCD-LoRA step ({a.rounds} rounds x {a.steps} steps, "
-             f"{result['threads']} threads)", "", "| span | fused ms | PEFT ms |", "|---|---:|---:|"]
+    title = (f"# Fused LoRA target vs PEFT's path in the real LCD-LoRA step ({a.rounds} rounds x {a.steps} steps, "
+             f"{result['threads']} threads)")
+    lines = [title, "", "| span | fused ms | PEFT ms |", "|---|---:|---:|"]
     for k in [*spans, "train_step"]:
         f = result["median_train_step_ms"]["fused"] if k == "train_step" else result["median_span_ms"]["fused"][k]
         q = result["median_train_step_ms"]["peft"] if k == "train_step" else result["median_span_ms"]["peft"][k]
         lines.append(f"| {k} | {f:.1f} | {q:.1f} |")
-    lines += ["", f"median paired ratio fused / PEFT: train_step {result['median_ratio_train_step']:.3f}, "
-              f"target {result['median_ratio_target']:.3f}"]
+    ratios = (f"median paired ratio fused / PEFT: train_step {result['median_ratio_train_step']:.3f}, "
+              f"target {result['median_ratio_target']:.3f}")
+    lines += ["", ratios]
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
