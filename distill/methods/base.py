@@ -80,6 +80,14 @@ class Method:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.trainer.mixed_precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
+    def lora_fused(self, unet: nn.Module) -> contextlib.AbstractContextManager:
+        """A pass of `unet` without gradient on merged LoRA weights where `method.lora.fuse_no_grad` allows
+        (distill.models.adapters.lora_fused; a module without LoRA layers runs unchanged)."""
+        from distill.models.adapters import lora_fused
+
+        m = self.cfg.method
+        return lora_fused(unet, "lora" in m and bool(m.lora.fuse_no_grad))
+
     # -- training ----------------------------------------------------------------------------------------
     def phases(self, step: int) -> tuple[str, ...]:
         """The optimizers to step this training step, in order: by default every spec that is due (its cadence).

@@ -31,7 +31,6 @@ from distill.methods.feature_taps import FeatureTaps, TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.methods.pairs import (PairsConfig, check_pairs, ensure_pairs, one_step_generator, regression_distance,
                                    shards_key, with_shards)
-from distill.models.adapters import lora_fused
 from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -164,7 +163,7 @@ class D2GAN(GeneratorIO, Method):
             return l2
         d = self.perceptual(x0, target, ensemble=m.ensemble,
                             generators=batch.generators("ensemble") if m.ensemble else None).mean()
-        return w * d + l2 if w != 1.0 else d + l2
+        return w * d + l2
 
     def _d_forward(self, net, x: Tensor, cond: UNetCond, batch: Batch, tag: str) -> Tensor:
         m, n = self.cfg.method, x.shape[0]
@@ -194,7 +193,7 @@ class D2GAN(GeneratorIO, Method):
                 out["loss"] = reg + m.gan_weight * gan
                 out["loss_gan"] = gan.detach()
             return out
-        with torch.no_grad(), span("student"), lora_fused(self.g_raw, m.lora.fuse_no_grad):
+        with torch.no_grad(), span("student"), self.lora_fused(self.g_raw):
             x0 = self._generate(self.g_raw, batch)
         real, b = batch.latents, batch.size
         mismatched = cond._map(lambda v: v.roll(1, dims=0))  # each latent with its neighbour's prompt

@@ -58,7 +58,7 @@ from distill.methods.discriminator import latent_side
 from distill.methods.feature_taps import TapDiscriminator
 from distill.methods.gan import d_loss, frozen, g_loss
 from distill.methods.pairs import PairRegression, RegressionConfig
-from distill.models.adapters import adapters_disabled, lora_fused
+from distill.models.adapters import adapters_disabled
 from distill.models.loader import load_fp32_unet, stored_fp32_state
 from distill.optim import SETTINGS, OptimizerSpec
 from distill.profiling import span
@@ -151,7 +151,7 @@ class GeneratorIO:
         was_training = unet.training
         unet.eval()
         try:
-            with lora_fused(unet, self.cfg.method.lora.fuse_no_grad):
+            with self.lora_fused(unet):
                 return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
         finally:
             unet.train(was_training)
@@ -285,7 +285,7 @@ class DMD2(PairRegression, GeneratorIO, Method):
         if not self.cfg.method.backward_simulation:
             return add_noise(x0, batch.randn("eps_in", shape, dev), t, self.schedule, pure_noise_at_T=True), t
         x = batch.randn("z", shape, dev)  # pure noise at t_0, as the sampler starts
-        with torch.no_grad(), span("simulate"), lora_fused(self.g_raw, self.cfg.method.lora.fuse_no_grad):
+        with torch.no_grad(), span("simulate"), self.lora_fused(self.g_raw):
             for j in range(k):
                 x_hat = self._generator_x0(self.g_raw, x, self.timesteps[j].expand(x.shape[0]), batch.cond)
                 x = add_noise(x_hat.float(), batch.randn(f"sim{j}", shape, dev), self.timesteps[j + 1], self.schedule)
@@ -355,7 +355,7 @@ class DMD2(PairRegression, GeneratorIO, Method):
     def _fake_losses(self, batch: Batch, step: int) -> dict[str, Tensor]:
         m, cond = self.cfg.method, batch.cond
         dev, shape = batch.latents.device, tuple(batch.latents.shape[1:])
-        with torch.no_grad(), lora_fused(self.g_raw, m.lora.fuse_no_grad):
+        with torch.no_grad(), self.lora_fused(self.g_raw):
             x_in, t_in = self.generator_input(batch, step)
             with span("student"):
                 x0 = self._generator_x0(self.g_raw, x_in, t_in, cond).float()

@@ -24,8 +24,7 @@ from distill.sampler import SamplerSpec
 
 from distill.diffusion import Denoiser, Fp32Io, NoiseSchedule, UNetCond, add_noise, lcm_skip_grid
 from distill.methods.base import Batch, Method
-from distill.models.adapters import (EMA, adapters_disabled, add_lora, guidance_embedding, lora_fused,
-                                     student_with_w_embedding)
+from distill.models.adapters import EMA, adapters_disabled, add_lora, guidance_embedding, student_with_w_embedding
 from distill.models.loader import load_fp32_unet, stored_fp32_state
 
 
@@ -164,7 +163,7 @@ class LCD(Method):
                 x_s = self.teacher_denoiser().guided_jump(x_t, t, s, cond, cond.zeros_like(), w).float()
             with span("target"):
                 if self.lora:
-                    with lora_fused(self.student, m.lora.fuse_no_grad):
+                    with self.lora_fused(self.student):
                         target = self._consistency(self.student, x_s, s, student_cond)
                 else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
                     with self.autocast():
@@ -203,9 +202,9 @@ class LCD(Method):
         was_training = self.student.training
         self.student.eval()
         try:
-            with lora_fused(self.student, self.lora and self.cfg.method.lora.fuse_no_grad):
+            with self.lora_fused(self.student):
                 return self.sampler().sample(Fp32Io(self.student), noise, cond, self.schedule, num_steps, seeds,
-                                         w_dim=self.w_dim, uncond=cond.zeros_like())  # uncond: a CFG sampler's
+                                             w_dim=self.w_dim, uncond=cond.zeros_like())  # uncond: a CFG sampler's
         finally:
             self.student.train(was_training)
 

@@ -55,7 +55,7 @@ from distill.sampler import SamplerSpec
 from distill.stages import Stage, stage_folder
 from distill.methods.discriminator import Discriminator, latent_side
 from distill.methods.gan import d_loss, frozen, g_loss
-from distill.models.adapters import adapters_disabled, add_lora, load_lora, lora_fused
+from distill.models.adapters import adapters_disabled, add_lora, load_lora
 from distill.models.loader import load_fp32_unet, load_unet, stored_fp32_state
 
 
@@ -297,7 +297,7 @@ class PAD(Method):
         if phase == "d":
             with torch.no_grad():
                 real = self.teacher_path(x_t, j, cond)
-                with lora_fused(self.student_raw, self.stage.lora and self.cfg.method.lora.fuse_no_grad):
+                with self.lora_fused(self.student_raw):
                     fake = self._student_move(self.student_raw, x_t, t, t_next, cond)
             (real, fake), s = self._for_d(batch, [real, fake], t_next)
             with span("d"):
@@ -357,7 +357,7 @@ class PAD(Method):
         was_training = unet.training
         unet.eval()
         try:  # the Euler state in fp32 around the student's weight dtype
-            with lora_fused(unet, self.stage.lora and self.cfg.method.lora.fuse_no_grad):
+            with self.lora_fused(unet):
                 return self.sampler().sample(Fp32Io(unet), noise.float(), cond, self.schedule, num_steps, seeds)
         finally:
             unet.train(was_training)

@@ -66,7 +66,6 @@ from distill.diffusion import Denoiser, UNetCond, add_noise, inference_timesteps
 from distill.methods.base import Batch
 from distill.methods.gan import frozen
 from distill.methods.lcd import LCD, check_guidance_and_loss, pseudo_huber
-from distill.models.adapters import lora_fused
 from distill.models.loader import frozen_dtype, stored_fp32_state
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -341,7 +340,7 @@ class PCM(LCD):
                 x_s = self._teacher_step(x_t, t, s, cond, student_cond, w)
             with span("target"):
                 if self.lora:
-                    with lora_fused(self.student, m.lora.fuse_no_grad):
+                    with self.lora_fused(self.student):
                         target = self._jump(self.student, x_s, s, to, student_cond)
                 else:  # the EMA copy is not Accelerate-prepared: autocast it as the student is
                     with self.autocast():
@@ -377,7 +376,7 @@ class PCM(LCD):
         m = self.cfg.method
         x_t, t, to, cond, student_cond, target = self._pair(batch, step)
         if phase == "d":  # hinge: real = the target, fake = the student's prediction, both re-noised from the edge
-            with torch.no_grad(), span("student"), lora_fused(self.student, m.lora.fuse_no_grad):
+            with torch.no_grad(), span("student"), self.lora_fused(self.student):
                 pred = self._jump(self.student, x_t, t, to, student_cond)
             with span("d"):
                 l_real, l_fake = self._d_logits(self.modules["d"], [target, pred], to, cond, batch,

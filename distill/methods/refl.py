@@ -27,7 +27,6 @@ from distill.config import ConfigError
 from distill.diffusion import Denoiser, lcm_inference_timesteps, tcd_step
 from distill.methods.base import Batch
 from distill.methods.pcm import PCM, PCMConfig
-from distill.models.adapters import lora_fused
 from distill.profiling import span
 
 
@@ -99,7 +98,7 @@ class ReFL(PCM):
         shape = tuple(batch.latents.shape[1:])  # latents or pairs data: the input kind is latents
         ts = lcm_inference_timesteps(n, m.num_ddim_timesteps, self.schedule.num_train_timesteps).tolist()
         x = batch.randn("reward_z", shape, self.device)[:rows]
-        with torch.no_grad(), span("simulate"), lora_fused(self.student, m.lora.fuse_no_grad):
+        with torch.no_grad(), span("simulate"), self.lora_fused(self.student):
             for i, t in enumerate(ts[:-1]):
                 with self.autocast():
                     x0, eps = Denoiser(self.student, self.schedule).x0_eps(x, t, cond)

@@ -43,7 +43,7 @@ from distill.methods.discriminator import latent_side
 from distill.methods.dmd2 import GeneratorIO, OptimOverrides, denoising_target, overrides
 from distill.methods.gan import frozen
 from distill.methods.pairs import PairRegression, RegressionConfig
-from distill.models.adapters import adapters_disabled, lora_fused
+from distill.models.adapters import adapters_disabled
 from distill.models.loader import load_fp32_unet
 from distill.optim import OptimizerSpec
 from distill.profiling import span
@@ -213,7 +213,7 @@ class SIM(PairRegression, GeneratorIO, Method):
     def _fake_losses(self, batch: Batch) -> dict[str, Tensor]:
         cond = batch.cond
         dev = cond.encoder_hidden_states.device
-        with torch.no_grad(), span("student"), lora_fused(self.g_raw, self.cfg.method.lora.fuse_no_grad):
+        with torch.no_grad(), span("student"), self.lora_fused(self.g_raw):
             x0 = self.generate(self.g_raw, batch)
         t = batch.randint("t_fake", 0, self.schedule.num_train_timesteps, dev)
         eps = batch.randn("eps_fake", self.latent_shape, dev)
